@@ -1,0 +1,7 @@
+"""csnet: cross-stitch networks for multi-task learning (Misra et al., CVPR 2016) on PyTorch."""
+
+from csnet.models.network import CrossStitchNet, ModelConfig, build_network
+from csnet.models.unit import CrossStitchUnit
+
+__version__ = "0.1.0"
+__all__ = ["CrossStitchNet", "CrossStitchUnit", "ModelConfig", "build_network", "__version__"]

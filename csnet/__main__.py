@@ -1,0 +1,3 @@
+from csnet.cli import run
+
+run()

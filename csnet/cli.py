@@ -1,0 +1,248 @@
+"""The ``csnet`` command line: one Typer app, each command calls one library function.
+
+Errors a user can fix print one ``error: ...`` line and exit non-zero (2 for
+usage errors); ``csnet --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from csnet import stages
+from csnet.data import DATASETS, DataConfig, dataset_spec
+from csnet.errors import CsnetError, UsageError
+from csnet.models.network import BACKBONES, ModelConfig
+from csnet.runio import default_out
+from csnet.train import TrainConfig
+
+app = typer.Typer(
+    name="csnet",
+    help="Cross-stitch networks (Misra et al., CVPR 2016): pretrain, stitch, train, eval, compare.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)
+_state = {"debug": False}
+
+# ------------------------------------------------------------------ shared options
+# Defaults come from the config dataclasses, so each setting is declared once.
+_D, _T = DataConfig(), TrainConfig()
+
+Dataset = Annotated[str, typer.Option(help=f"Data set: {', '.join(DATASETS)}.")]
+DataRoot = Annotated[Optional[str], typer.Option(
+    help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
+ValSize = Annotated[int, typer.Option(min=1, help="Training images held out (seeded) for validation and model selection.")]
+TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
+SplitSeed = Annotated[int, typer.Option(help="Seed of the validation hold-out and the --train-size subset.")]
+Epochs = Annotated[int, typer.Option(min=1, help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Examples per training step.")]
+Lr = Annotated[float, typer.Option(help="Learning rate of the columns (must be > 0).")]
+WeightDecay = Annotated[float, typer.Option(min=0.0, help="L2 weight decay on the columns (the reproduction: 1e-5).")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam or sgd.")]
+Momentum = Annotated[float, typer.Option(min=0.0, help="SGD momentum.")]
+StitchLrMult = Annotated[float, typer.Option(
+    help="Learning-rate multiplier of the cross-stitch weights; the paper's best: 100-1000 with SGD.")]
+Seed = Annotated[int, typer.Option(help="Seed of weight init, dropout and batch order.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")]
+Backbone = Annotated[Optional[str], typer.Option(help=f"Column architecture: {', '.join(BACKBONES)} [default: convnet].")]
+Stitch = Annotated[Optional[str], typer.Option(
+    help="Where units go: none (independent columns, summed loss), after-pool (pool1, pool2), "
+         "after-fc (fc), all (pool1, pool2, fc: the paper's placement). mlp: none, after-fc, all. [default: all]")]
+Alpha = Annotated[Optional[float], typer.Option(help="Initial same-task unit weight [default: 0.9].")]
+Beta = Annotated[Optional[float], typer.Option(help="Initial different-task unit weight [default: 0.1]; --alpha 1 --beta 0 is the identity.")]
+BatchNorm = Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="Batch norm after the convs [default: on].")]
+Dropout = Annotated[Optional[float], typer.Option(help="Dropout before each output layer [default: 0.2, keep 0.8].")]
+Hidden = Annotated[Optional[str], typer.Option(help="mlp hidden sizes, comma-separated [default: 60,20].")]
+Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; default runs/COMMAND-TIME. An existing run is never overwritten.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
+
+
+def _data_config(dataset, data_root, val_size, train_size, split_seed) -> DataConfig:
+    return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
+                      split_seed=split_seed)
+
+
+def _parse_list(text: str, option: str, cast=str) -> tuple:
+    try:
+        items = tuple(cast(s.strip()) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"{option} takes a comma-separated list, got {text!r}") from None
+    if not items:
+        raise UsageError(f"{option} is empty")
+    return items
+
+
+def _model_config(tasks, num_classes, *, stitch, **given) -> ModelConfig:
+    """ModelConfig from the options the user gave; unset ones keep the dataclass defaults."""
+    kw = {k: v for k, v in given.items() if v is not None}
+    if "hidden" in kw:
+        kw["hidden"] = _parse_list(kw["hidden"], "--hidden", int)
+    return ModelConfig(tasks=tuple(tasks), num_classes=tuple(num_classes), stitch=stitch, **kw)
+
+
+# ------------------------------------------------------------------ commands
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+    _state["debug"] = debug
+
+
+@app.command()
+def pretrain(
+    task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse).")],
+    dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
+    train_size: TrainSize = None, split_seed: SplitSeed = _D.split_seed,
+    backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
+    epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
+    weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
+    momentum: Momentum = _T.momentum, seed: Seed = _T.seed, device: Device = _T.device,
+    out: Out = None, quiet: Quiet = False,
+):
+    """Train one single-task column: the network each cross-stitch column starts from."""
+    spec = dataset_spec(dataset)
+    if task not in spec.tasks:
+        raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
+    model_cfg = _model_config([task], [spec.tasks[task]], stitch="none", backbone=backbone,
+                              batch_norm=batch_norm, dropout=dropout, hidden=hidden)
+    stages.pretrain(
+        task, _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                      momentum=momentum, seed=seed, device=device),
+        out or default_out(f"pretrain-{task}"), console, quiet,
+    )
+
+
+@app.command()
+def stitch(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more single-task pretrain runs, one per column.")],
+    stitch: Annotated[str, typer.Option(help="Where units go: none, after-pool, after-fc, all.")] = "all",
+    alpha: Annotated[float, typer.Option(help="Initial same-task unit weight.")] = 0.9,
+    beta: Annotated[float, typer.Option(help="Initial different-task unit weight.")] = 0.1,
+    tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
+    out: Out = None,
+):
+    """Build a cross-stitch network from pretrained columns and save it as a run (no training)."""
+    run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=out or default_out("stitch"),
+                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None)
+    console.print(f"stitched {len(runs)} columns (units: {stitch}); saved in {run}; "
+                  f"train it with: csnet train --from {run}", highlight=False)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Optional[str], typer.Option(help="Data set [default: fashion, or the --from run's].")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated [default: all of the data set's].")] = None,
+    from_run: Annotated[Optional[Path], typer.Option("--from", help="Start from this run's saved network (e.g. a stitch run).")] = None,
+    data_root: DataRoot = None, val_size: ValSize = _D.val_size,
+    train_size: TrainSize = None, split_seed: SplitSeed = _D.split_seed,
+    backbone: Backbone = None, stitch: Stitch = None, alpha: Alpha = None, beta: Beta = None,
+    batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
+    epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
+    weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
+    momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
+    seed: Seed = _T.seed, device: Device = _T.device, out: Out = None, quiet: Quiet = False,
+):
+    """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch or --from a run."""
+    model_opts = dict(backbone=backbone, stitch=stitch, alpha=alpha, beta=beta, batch_norm=batch_norm,
+                      dropout=dropout, hidden=hidden)
+    model_cfg = None
+    if from_run is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None]
+        if tasks:
+            given.append("--tasks")
+        if given:
+            raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
+        if dataset is None:
+            dataset = stages._run_data_config(from_run).dataset
+    else:
+        dataset = dataset or _D.dataset
+        spec = dataset_spec(dataset)
+        task_list = _parse_list(tasks, "--tasks") if tasks else tuple(spec.tasks)
+        unknown = [t for t in task_list if t not in spec.tasks]
+        if unknown:
+            raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
+        model_cfg = _model_config(task_list, [spec.tasks[t] for t in task_list],
+                                  stitch=model_opts.pop("stitch") or "all", **model_opts)
+    stages.train(
+        _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                      momentum=momentum, stitch_lr_mult=stitch_lr_mult, seed=seed, device=device),
+        out or default_out("train"), console, quiet, from_run=from_run,
+    )
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    device: Device = _T.device, data_root: DataRoot = None,
+):
+    """Evaluate a run's saved network: per-task loss and accuracy and their mean; writes RUN/eval.csv."""
+    metrics = stages.eval_run(run, split, device, data_root, console)
+    table = Table(title=f"{run} ({split})")
+    for col in ("task", "loss", "accuracy"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, m in metrics.items():
+        table.add_row(task, f"{m['loss']:.4f}", f"{m['accuracy']:.4f}")
+    console.print(table)
+    console.print(f"written to {run / 'eval.csv'}", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more trained run folders; the first is the reference.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv and the plots; default runs/compare-TIME.")] = None,
+):
+    """Compare runs: test accuracy per task and mean at each run's best validation epoch, plus plots."""
+    from csnet.compare import compare as compare_runs
+
+    out = out or default_out("compare")
+    table, figures = compare_runs(runs, out)
+    acc_cols = [c for c in table.columns if c.startswith("test_")]
+    view = Table(title=f"test accuracy at the best validation epoch (difference from {table.run.iloc[0]}, points)")
+    view.add_column("run")
+    view.add_column("best epoch", justify="right")
+    for c in acc_cols:
+        view.add_column(c[5:], justify="right")
+    for _, row in table.iterrows():
+        cells = []
+        for c in acc_cols:
+            diff = row[f"diff_{c[5:]}_pp"]
+            cells.append("-" if row[c] != row[c] else f"{row[c]:.4f}" + ("" if _ == 0 else f" ({diff:+.2f})"))
+        view.add_row(row.run, str(row.best_epoch), *cells)
+    console.print(view)
+    console.print(f"table: {out / 'compare.csv'}\nplots: {', '.join(str(f) for f in figures)}", highlight=False)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code. User errors become one line on stderr."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in argv[:1]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except (CsnetError, typer.TyperException) as e:
+        if _state["debug"]:
+            raise
+        message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

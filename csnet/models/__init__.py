@@ -1,0 +1,1 @@
+"""Network pieces: the cross-stitch unit, single-task columns, and the network that stitches them."""

@@ -1,0 +1,175 @@
+"""The pipeline's stages, each read as setup -> fit -> save. The CLI calls one function per command."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from csnet import data as data_lib
+from csnet import plots, runio
+from csnet.compare import read_metrics
+from csnet.data import DataConfig
+from csnet.errors import CsnetError, UsageError
+from csnet.models.network import ModelConfig, build_network
+from csnet.progress import RichReporter
+from csnet.train import TrainConfig, evaluate, fit, resolve_device
+
+
+def _write_config(run: Path, command: str, device: torch.device, **sections) -> None:
+    runio.write_json(run / runio.CONFIG, {"command": command, **sections, "environment": runio.environment(device)})
+
+
+def _load_model(run: Path):
+    """The network config, weights and input statistics stored in a run's model.pt."""
+    ckpt = runio.load_checkpoint(runio.require_run(run) / runio.MODEL)
+    try:
+        return ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], ckpt.get("norm")
+    except (KeyError, TypeError) as e:
+        raise CsnetError(f"{run / runio.MODEL}: checkpoint has no usable model config ({e})") from e
+
+
+def _run_data_config(run: Path) -> DataConfig:
+    config = runio.read_config(run)
+    if not config.get("data"):
+        raise UsageError(f"{run} does not record one data set (its columns came from different ones); pass --dataset")
+    return DataConfig(**config["data"])
+
+
+def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
+    _, channels, size, _ = data.train.images.shape
+    if (channels, size) != (model_cfg.in_channels, model_cfg.image_size):
+        raise UsageError(
+            f"the network expects {model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size} images, "
+            f"the data set has {channels}x{size}x{size}"
+        )
+
+
+def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
+                  train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None) -> Path:
+    device, note = resolve_device(train_cfg.device)
+    if note:
+        console.print(note, highlight=False)
+    data = data_lib.load(data_cfg, model_cfg.tasks)
+    _check_geometry(model_cfg, data)
+    run = runio.create_run(out)
+    torch.manual_seed(train_cfg.seed)
+    net = build_network(model_cfg)
+    if state is not None:
+        net.load_state_dict(state)
+    _write_config(
+        run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
+        source=str(source) if source else None,
+        data_stats={"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                    "mean": data.mean, "std": data.std, "files": {k: str(v) for k, v in data.files.items()}},
+    )
+    n_units = sum(p.numel() for p in net.unit_parameters())
+    n_params = sum(p.numel() for p in net.parameters())
+    console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
+                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
+                  f"{model_cfg.backbone}, stitch {model_cfg.stitch}, {n_params:,} parameters "
+                  f"({n_units:,} in units), device {device}", highlight=False)
+    best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet))
+    plots.curves({run.name: read_metrics(run)}, run / "plots")
+    console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
+                  highlight=False)
+    return run
+
+
+def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
+             console: Console, quiet: bool = False) -> Path:
+    """One single-task column: what the paper initialises each column of a cross-stitch net from."""
+    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None)
+
+
+def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out: Path,
+          console: Console, quiet: bool = False, from_run: Path | None = None) -> Path:
+    """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``."""
+    state = None
+    if from_run is not None:
+        model_cfg, state, _ = _load_model(from_run)
+        spec = data_lib.dataset_spec(data_cfg.dataset)
+        missing = [t for t in model_cfg.tasks if t not in spec.tasks]
+        if missing:
+            raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
+                             f"but {data_cfg.dataset} has no task {', '.join(missing)} (its tasks: {', '.join(spec.tasks)})")
+    return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run)
+
+
+def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,
+           tasks: list[str] | None = None) -> Path:
+    """Build a cross-stitch network whose columns start from single-task runs ("pretrain, then stitch",
+    the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
+    if len(sources) < 2:
+        raise UsageError("stitch needs at least two pretrained runs")
+    loaded = [_load_model(s) for s in sources]
+    for src, (cfg, _, _) in zip(sources, loaded):
+        if len(cfg.tasks) != 1:
+            raise UsageError(f"{src} has {len(cfg.tasks)} columns ({', '.join(cfg.tasks)}); stitch takes single-task runs")
+    first_arch = loaded[0][0].column_arch()
+    for src, (cfg, _, _) in zip(sources[1:], loaded[1:]):
+        arch = cfg.column_arch()
+        diff = [f"{k} {first_arch.get(k)} vs {arch.get(k)}" for k in sorted(set(first_arch) | set(arch))
+                if first_arch.get(k) != arch.get(k)]
+        if diff:
+            raise UsageError(f"columns differ: {sources[0]} and {src} have {'; '.join(diff)}")
+    names = tasks or [cfg.tasks[0] for cfg, _, _ in loaded]
+    if len(names) != len(sources):
+        raise UsageError(f"--tasks names {len(names)} columns for {len(sources)} runs")
+    if len(set(names)) != len(names):
+        raise UsageError(f"two columns would share a task name ({', '.join(names)}); name them with --tasks")
+    model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
+                            stitch=stitch, alpha=alpha, beta=beta, **loaded[0][0].column_arch())
+    net = build_network(model_cfg)
+    for name, (cfg, state, _) in zip(names, loaded):
+        prefix = f"columns.{cfg.tasks[0]}."
+        net.columns[name].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    data_cfgs = [runio.read_config(s).get("data") for s in sources]
+    same_data = all(d == data_cfgs[0] for d in data_cfgs)
+    run = runio.create_run(out)
+    runio.save_checkpoint(run / runio.MODEL, {"model_config": model_cfg.to_dict(), "model": net.state_dict(),
+                                              "epoch": 0, "norm": loaded[0][2]})
+    _write_config(run, "stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
+                  model=model_cfg.to_dict(), sources=[str(s) for s in sources])
+    return run
+
+
+def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | None = None,
+             console: Console | None = None) -> dict:
+    """Evaluate a run's saved network on a split; writes (or updates that split's rows in) RUN/eval.csv."""
+    if split not in ("val", "test"):
+        raise UsageError(f"unknown split {split!r}; valid: test, val")
+    model_cfg, state, norm = _load_model(run)
+    data_cfg = _run_data_config(run)
+    if data_root:
+        data_cfg = replace(data_cfg, data_root=data_root)
+    device, note = resolve_device(device_name)
+    if note and console:
+        console.print(note, highlight=False)
+    data = data_lib.load(data_cfg, model_cfg.tasks)
+    _check_geometry(model_cfg, data)
+    net = build_network(model_cfg)
+    net.load_state_dict(state)
+    net.to(device)
+    norm = norm or {"mean": data.mean, "std": data.std}
+    metrics = evaluate(net, data.split(split).to(device), mean=norm["mean"], std=norm["std"])
+    _write_eval_csv(run / "eval.csv", split, metrics)
+    return metrics
+
+
+def _write_eval_csv(path: Path, split: str, metrics: dict) -> None:
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split") != split]
+    rows += [{"split": split, "task": t, "metric": m, "value": f"{v:.6g}"}
+             for t, ms in metrics.items() for m, v in ms.items()]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["split", "task", "metric", "value"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    runio.atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
