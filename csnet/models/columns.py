@@ -30,12 +30,18 @@ class Column(nn.Module):
         return self.head(x)
 
 
-def _he_init(module: nn.Module) -> None:
-    for m in module.modules():
+def _he_init(column: Column) -> None:
+    """He init (fan-in, ReLU gain) for every layer that feeds a ReLU; Glorot for the output layer,
+    which feeds a softmax: with He's gain there, first logits are large and early steps are wasted."""
+    for m in column.stages.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    for m in column.head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def convnet(

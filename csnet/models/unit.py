@@ -28,8 +28,8 @@ class CrossStitchUnit(nn.Module):
         if n_tasks < 2:
             raise ValueError(f"a cross-stitch unit mixes at least 2 tasks, got {n_tasks}")
         self.n_tasks, self.channels = n_tasks, channels
-        eye = torch.eye(n_tasks).unsqueeze(-1).expand(n_tasks, n_tasks, channels)
-        self.weight = nn.Parameter(beta + (alpha - beta) * eye)
+        diagonal = torch.eye(n_tasks, dtype=torch.bool).unsqueeze(-1).expand(n_tasks, n_tasks, channels)
+        self.weight = nn.Parameter(torch.where(diagonal, alpha, beta).float())
 
     def forward(self, xs: list[torch.Tensor] | dict[str, torch.Tensor]):
         """Take one (B, C, ...) tensor per task, as a list or a {task: tensor} dict; return the same kind."""

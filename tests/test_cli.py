@@ -1,0 +1,279 @@
+"""The whole pipeline through the CLI on small IDX files the tests write, and its one-line errors."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_dataset
+
+SMALL = ["--val-size", "100", "--train-size", "400", "--batch-size", "64", "--quiet"]
+
+
+def _ok(result):
+    code, out, err = result
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared_data_root(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, shared_data_root):
+    """pretrain fine + coarse -> stitch (identity) -> train --from; plus a baseline from scratch.
+
+    Built once per module (it is the slow part); tests that write into a run use ``copy_run``.
+    """
+    from csnet.cli import main
+
+    def cli(*args):
+        return main([str(a) for a in args]), "", ""
+
+    runs = tmp_path_factory.mktemp("runs")
+    data_root = shared_data_root
+    common = ["--data-root", data_root, *SMALL]
+    _ok(cli("pretrain", "--task", "fine", *common, "--epochs", "2", "--out", runs / "pre-fine"))
+    _ok(cli("pretrain", "--task", "coarse", *common, "--seed", "1", "--out", runs / "pre-coarse"))
+    _ok(cli("stitch", runs / "pre-fine", runs / "pre-coarse", "--alpha", "1", "--beta", "0",
+            "--out", runs / "stitched"))
+    _ok(cli("train", "--from", runs / "stitched", "--data-root", data_root, *SMALL, "--epochs", "2",
+            "--stitch-lr-mult", "10", "--out", runs / "cs"))
+    _ok(cli("train", "--stitch", "none", *common, "--out", runs / "base"))
+    return runs
+
+
+def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
+    run = pipeline / "cs"
+    config = json.loads((run / "config.json").read_text())
+    assert config["command"] == "train" and config["source"] == str(pipeline / "stitched")
+    assert config["model"]["tasks"] == ["fine", "coarse"] and config["model"]["stitch"] == "all"
+    assert config["train"]["epochs"] == 2 and config["train"]["stitch_lr_mult"] == 10
+    assert config["data"]["train_size"] == 400 and config["environment"]["torch"] == torch.__version__
+    m = pd.read_csv(run / "metrics.csv")
+    assert list(m.columns) == ["epoch", "split", "task", "metric", "value"]
+    assert sorted(m.epoch.unique()) == [1, 2]
+    acc = m[m.metric == "accuracy"]
+    assert set(acc.split) == {"train", "val", "test"} and set(acc.task) == {"fine", "coarse", "mean"}
+    assert acc.value.between(0, 1).all()
+    # the synthetic classes are easy: two epochs must learn them (a broken pipeline stays near chance)
+    assert acc[(acc.split == "test") & (acc.epoch == 2) & (acc.task == "fine")].value.item() > 0.5
+    assert (m[(m.metric == "examples_per_s")].value > 0).all()
+    for name in ("model.pt", "last.pt", "plots/test_accuracy.png", "plots/train_loss.png"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert list(ckpt["model_config"]["tasks"]) == ["fine", "coarse"]
+
+
+def copy_run(run, dest):
+    """A private copy of a run (without last.pt, the largest file) for a test that writes into it."""
+    shutil.copytree(run, dest / run.name, ignore=shutil.ignore_patterns("last.pt"))
+    return dest / run.name
+
+
+def test_identity_stitched_run_evaluates_like_its_pretrained_columns(pipeline, shared_data_root, cli, tmp_path):
+    runs = {name: copy_run(pipeline / name, tmp_path) for name in ("pre-fine", "pre-coarse", "stitched")}
+    for run in runs.values():
+        _ok(cli("eval", run, "--data-root", shared_data_root))
+    stitched = pd.read_csv(runs["stitched"] / "eval.csv").set_index(["task", "metric"]).value
+    for task in ("fine", "coarse"):
+        alone = pd.read_csv(runs[f"pre-{task}"] / "eval.csv").set_index(["task", "metric"]).value
+        assert stitched[(task, "accuracy")] == alone[(task, "accuracy")]
+        assert stitched[(task, "loss")] == alone[(task, "loss")]
+
+
+def test_eval_prints_a_table_and_keeps_other_splits(pipeline, shared_data_root, cli, tmp_path):
+    run = copy_run(pipeline / "cs", tmp_path)
+    out = _ok(cli("eval", run, "--data-root", shared_data_root))
+    assert "fine" in out and "coarse" in out and "mean" in out
+    _ok(cli("eval", run, "--split", "val", "--data-root", shared_data_root))
+    e = pd.read_csv(run / "eval.csv")
+    assert set(e.split) == {"test", "val"}
+    m = pd.read_csv(pipeline / "cs" / "metrics.csv")
+    best = torch.load(pipeline / "cs" / "model.pt", weights_only=True)["epoch"]
+    want = m[(m.epoch == best) & (m.split == "test") & (m.task == "mean") & (m.metric == "accuracy")].value.item()
+    got = e[(e.split == "test") & (e.task == "mean") & (e.metric == "accuracy")].value.item()
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_runs", [2, 3])
+def test_compare_table_and_plots(pipeline, cli, tmp_path, n_runs):
+    runs = [pipeline / "base", pipeline / "cs", pipeline / "pre-fine"][:n_runs]
+    out = _ok(cli("compare", *runs, "--out", tmp_path / "cmp"))
+    assert "base" in out and "cs" in out
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert list(table.run) == [r.name for r in runs]
+    assert table.diff_mean_pp.iloc[0] == 0
+    m = pd.read_csv(pipeline / "cs" / "metrics.csv")
+    val = m[(m.split == "val") & (m.task == "mean") & (m.metric == "accuracy")].set_index("epoch").value
+    best = int(val.idxmax())
+    row = table.set_index("run").loc["cs"]
+    assert row.best_epoch == best
+    test_mean = m[(m.split == "test") & (m.task == "mean") & (m.metric == "accuracy") & (m.epoch == best)].value.item()
+    assert row.test_mean == pytest.approx(test_mean)
+    assert row.diff_mean_pp == pytest.approx((test_mean - table.test_mean.iloc[0]) * 100)
+    if n_runs == 3:  # a single-task run has no coarse column
+        assert pd.isna(table.set_index("run").loc["pre-fine", "test_coarse"])
+    for png in ("test_accuracy.png", "train_loss.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 1000
+
+
+def test_python_dash_m_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "csnet", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--epochs", "--stitch-lr-mult", "--from", "--device", "--alpha", "--train-size"):
+        assert option in result.stdout
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _one_line_error(result, code=None, contains=""):
+    exit_code, _, err = result
+    assert exit_code != 0 and (code is None or exit_code == code), (exit_code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert contains in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_data_folder(cli, tmp_path):
+    _one_line_error(cli("pretrain", "--task", "fine", "--data-root", tmp_path / "nowhere"), 1,
+                    f"searched {tmp_path / 'nowhere' / 'fashion-mnist'}")
+
+
+def test_incomplete_data_folder(cli, data_root):
+    (data_root / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    _one_line_error(cli("train", "--data-root", data_root), 1, "fashion data not found")
+
+
+def test_truncated_idx_file(cli, data_root):
+    path = data_root / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    _one_line_error(cli("train", "--data-root", data_root, *SMALL), 1, "train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.parametrize("args,code,contains", [
+    (["train", "--dataset", "cifar"], 2, "unknown dataset 'cifar'; valid: fashion"),
+    (["train", "--tasks", "fine,color"], 2, "unknown task 'color' for fashion; valid: fine, coarse"),
+    (["pretrain", "--task", "color"], 2, "unknown task 'color'"),
+    (["train", "--backbone", "resnet9"], 2, "unknown backbone 'resnet9'; valid: convnet, mlp"),
+    (["train", "--stitch", "middle"], 2, "valid: none, after-pool, after-fc, all"),
+    (["train", "--epochs", "0"], 2, "--epochs"),
+    (["train", "--batch-size", "0"], 2, "--batch-size"),
+    (["train", "--lr", "-1"], 2, "--lr must be a positive number"),
+    (["train", "--lr", "nan"], 2, "--lr must be a positive number"),
+    (["train", "--train-size", "0"], 2, "--train-size"),
+    (["train", "--optimizer", "rmsprop"], 2, "unknown optimizer 'rmsprop'; valid: adam, sgd"),
+    (["train", "--epochs", "many"], 2, "Invalid value for '--epochs'"),
+    (["train", "--no-such-option"], 2, "--no-such-option"),
+])
+def test_bad_options(cli, args, code, contains):
+    _one_line_error(cli(*args), code, contains)
+
+
+def test_train_size_larger_than_the_data(cli, data_root):
+    _one_line_error(cli("train", "--data-root", data_root, "--val-size", "100", "--train-size", "5000"), 2,
+                    "--train-size must be between 1 and 600")
+
+
+def test_device_cuda_without_cuda(cli, data_root):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _one_line_error(cli("train", "--data-root", data_root, "--device", "cuda"), 2, "no CUDA device")
+
+
+def test_folders_that_are_not_runs(cli, tmp_path, data_root):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(cli("train", "--from", tmp_path / "empty", "--data-root", data_root), 2, "not a csnet run folder")
+    _one_line_error(cli("eval", tmp_path / "empty"), 2, "not a csnet run folder")
+    _one_line_error(cli("compare", tmp_path / "empty", tmp_path / "empty"), 2, "not a csnet run folder")
+
+
+def test_foreign_checkpoint_is_refused(cli, pipeline, shared_data_root, tmp_path):
+    run = copy_run(pipeline / "stitched", tmp_path)
+    (run / "model.pt").write_bytes(b"this is not a checkpoint")
+    _one_line_error(cli("eval", run, "--data-root", shared_data_root), 1, "not a readable checkpoint")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("payload executed",))
+
+
+def test_checkpoint_carrying_a_pickled_object_is_refused_and_never_run(cli, pipeline, shared_data_root, tmp_path):
+    run = copy_run(pipeline / "stitched", tmp_path)
+    torch.save({"format": "csnet-checkpoint-v1", "model_config": _Payload()}, run / "model.pt")
+    result = cli("eval", run, "--data-root", shared_data_root)
+    _one_line_error(result, 1, "refused: it holds pickled Python objects")
+    assert "payload executed" not in result[1] + result[2]
+
+
+def test_model_options_conflict_with_from(cli, pipeline):
+    _one_line_error(cli("train", "--from", pipeline / "stitched", "--stitch", "after-fc"), 2,
+                    "--stitch cannot be used with --from")
+
+
+def test_compare_an_untrained_stitch_run(cli, pipeline):
+    _one_line_error(cli("compare", pipeline / "base", pipeline / "stitched"), 2, "has no metrics.csv")
+
+
+def test_existing_output_is_never_overwritten(cli, pipeline, shared_data_root):
+    data_root = shared_data_root
+    before = (pipeline / "base" / "metrics.csv").read_bytes()
+    model = (pipeline / "base" / "model.pt").read_bytes()
+    _one_line_error(cli("train", "--data-root", data_root, *SMALL, "--out", pipeline / "base"), 2,
+                    "already holds a run")
+    _one_line_error(cli("stitch", pipeline / "pre-fine", pipeline / "pre-coarse", "--out", pipeline / "base"), 2,
+                    "already holds a run")
+    assert (pipeline / "base" / "metrics.csv").read_bytes() == before
+    assert (pipeline / "base" / "model.pt").read_bytes() == model
+
+
+def test_stitching_different_architectures_says_what_differs(cli, pipeline, shared_data_root, tmp_path):
+    data_root = shared_data_root
+    _ok(cli("pretrain", "--task", "coarse", "--backbone", "mlp", "--data-root", data_root, *SMALL,
+            "--out", tmp_path / "mlp"))
+    line = _one_line_error(cli("stitch", pipeline / "pre-fine", tmp_path / "mlp", "--out", tmp_path / "x"), 2,
+                           "columns differ")
+    assert "backbone convnet vs mlp" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_stitching_two_columns_of_one_task_asks_for_names(cli, pipeline, tmp_path):
+    _one_line_error(cli("stitch", pipeline / "pre-fine", pipeline / "pre-fine", "--out", tmp_path / "x"), 2,
+                    "name them with --tasks")
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    with pytest.raises(Exception, match="not a csnet run folder"):
+        cli("--debug", "eval", tmp_path)
+
+
+def test_mlp_backbone_end_to_end(cli, data_root, tmp_path):
+    _ok(cli("train", "--backbone", "mlp", "--hidden", "32,16", "--stitch", "all", "--data-root", data_root, *SMALL,
+            "--out", tmp_path / "mlp"))
+    config = json.loads((tmp_path / "mlp" / "config.json").read_text())
+    assert config["model"]["hidden"] == [32, 16]
+
+
+def test_default_out_is_a_new_folder_under_runs(cli, data_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _ok(cli("train", "--data-root", data_root, *SMALL))
+    _ok(cli("train", "--data-root", data_root, *SMALL))
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(made) == 2 and all(name.startswith("train-") for name in made)
+
+
+def test_make_dataset_is_reusable(tmp_path):
+    # the fixture's files are real IDX files the reader accepts, gzip or not
+    make_dataset(tmp_path, gz=False)
+    assert (tmp_path / "fashion-mnist" / "train-images-idx3-ubyte").stat().st_size == 16 + 700 * 784
