@@ -21,6 +21,11 @@ from csnet.models.network import BACKBONES, ModelConfig
 from csnet.runio import default_out
 from csnet.train import TrainConfig
 
+try:  # Typer 0.2x vendors Click and raises its own exception types
+    from typer import TyperException as _ParseError
+except ImportError:  # older Typer runs on Click
+    from click import ClickException as _ParseError
+
 app = typer.Typer(
     name="csnet",
     help="Cross-stitch networks (Misra et al., CVPR 2016): pretrain, stitch, train, eval, compare.",
@@ -28,7 +33,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
+# Off a terminal (make, CI, a log file) Rich would squeeze tables into 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 _state = {"debug": False}
 
 # ------------------------------------------------------------------ shared options
@@ -233,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False)
         return code if isinstance(code, int) else 0
-    except (CsnetError, typer.TyperException) as e:
+    except (CsnetError, _ParseError) as e:
         if _state["debug"]:
             raise
-        message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
+        message = e.format_message() if isinstance(e, _ParseError) else str(e)
         print(f"error: {message}", file=sys.stderr)
         return e.exit_code
     except typer.Abort:
