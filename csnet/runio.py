@@ -41,14 +41,20 @@ def default_out(command: str) -> Path:
     return path
 
 
-def new_folder(path: Path) -> Path:
-    """Make an empty output folder; refuse one that already has files in it, so nothing is overwritten."""
+def ensure_new(path: Path) -> Path:
+    """Refuse an output folder that already has files in it, so nothing is overwritten."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
         what = "a run" if (path / CONFIG).exists() else "files"
         raise UsageError(f"--out {path} already holds {what}; choose a new folder")
+    return path
+
+
+def new_folder(path: Path) -> Path:
+    """Make an empty output folder (see ``ensure_new``)."""
+    path = ensure_new(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -51,6 +51,7 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
 
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
                   train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None) -> Path:
+    runio.ensure_new(out)  # before the slow part: a typo in --out should cost nothing
     device, note = resolve_device(train_cfg.device)
     if note:
         console.print(note, highlight=False)
@@ -106,6 +107,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
         raise UsageError("stitch needs at least two pretrained runs")
+    runio.ensure_new(out)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
         if len(cfg.tasks) != 1:
