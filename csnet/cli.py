@@ -18,7 +18,7 @@ from csnet import stages
 from csnet.data import DATASETS, DataConfig, dataset_spec
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import BACKBONES, ModelConfig
-from csnet.runio import default_out
+from csnet.runio import default_out, run_path
 from csnet.train import TrainConfig
 
 try:  # Typer 0.2x vendors Click and raises its own exception types
@@ -66,8 +66,26 @@ Beta = Annotated[Optional[float], typer.Option(help="Initial different-task unit
 BatchNorm = Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="Batch norm after the convs [default: on].")]
 Dropout = Annotated[Optional[float], typer.Option(help="Dropout before each output layer [default: 0.2, keep 0.8].")]
 Hidden = Annotated[Optional[str], typer.Option(help="mlp hidden sizes, comma-separated [default: 60,20].")]
-Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; default runs/COMMAND-TIME. An existing run is never overwritten.")]
+Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; default runs/COMMAND-TIME. An existing run is refused unless --force.")]
+Name = Annotated[Optional[str], typer.Option(help="Run name: the run goes to runs/NAME (a name, not a path).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace the run already in --out (only a csnet run's own files are removed).")]
+LrSchedule = Annotated[str, typer.Option(help="constant, or cosine (annealed to 0 over --epochs).")]
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorch's deterministic algorithms (CUDA: slower).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
+
+
+def _out(out: Path | None, name: str | None, command: str) -> Path:
+    if out is not None and name is not None:
+        raise UsageError("give --out PATH or --name NAME, not both")
+    if name is not None:
+        return run_path(name)
+    return out or default_out(command)
+
+
+def _given(ctx: typer.Context, names) -> list[str]:
+    """The options among ``names`` that the user set on the command line."""
+    return [f"--{n.replace('_', '-')}" for n in names
+            if (src := ctx.get_parameter_source(n)) is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")]
 
 
 def _data_config(dataset, data_root, val_size, train_size, split_seed) -> DataConfig:
@@ -109,8 +127,9 @@ def pretrain(
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
-    momentum: Momentum = _T.momentum, seed: Seed = _T.seed, device: Device = _T.device,
-    out: Out = None, quiet: Quiet = False,
+    momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
+    device: Device = _T.device, deterministic: Deterministic = False,
+    out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
     spec = dataset_spec(dataset)
@@ -121,8 +140,8 @@ def pretrain(
     stages.pretrain(
         task, _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                      momentum=momentum, seed=seed, device=device),
-        out or default_out(f"pretrain-{task}"), console, quiet,
+                    momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
+        _out(out, name, f"pretrain-{task}"), console, quiet, force,
     )
 
 
@@ -133,20 +152,22 @@ def stitch(
     alpha: Annotated[float, typer.Option(help="Initial same-task unit weight.")] = 0.9,
     beta: Annotated[float, typer.Option(help="Initial different-task unit weight.")] = 0.1,
     tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
-    out: Out = None,
+    out: Out = None, name: Name = None, force: Force = False,
 ):
     """Build a cross-stitch network from pretrained columns and save it as a run (no training)."""
-    run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=out or default_out("stitch"),
-                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None)
+    run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
+                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None, force=force)
     console.print(f"stitched {len(runs)} columns (units: {stitch}); saved in {run}; "
                   f"train it with: csnet train --from {run}", highlight=False)
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     dataset: Annotated[Optional[str], typer.Option(help="Data set [default: fashion, or the --from run's].")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated [default: all of the data set's].")] = None,
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Start from this run's saved network (e.g. a stitch run).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, split_seed: SplitSeed = _D.split_seed,
     backbone: Backbone = None, stitch: Stitch = None, alpha: Alpha = None, beta: Beta = None,
@@ -154,9 +175,22 @@ def train(
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
-    seed: Seed = _T.seed, device: Device = _T.device, out: Out = None, quiet: Quiet = False,
+    lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, device: Device = _T.device,
+    deterministic: Deterministic = False, out: Out = None, name: Name = None, force: Force = False,
+    quiet: Quiet = False,
 ):
-    """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch or --from a run."""
+    """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
+    or --resume an interrupted one."""
+    if resume is not None:
+        allowed = {"resume", "epochs", "device", "quiet", "ctx"}
+        given = _given(ctx, [n for n in ctx.params if n not in allowed])
+        if given:
+            raise UsageError(f"{', '.join(given)} cannot be used with --resume (the run keeps its settings; "
+                             "only --epochs and --device may change)")
+        stages.resume(resume, console, quiet=quiet,
+                      epochs=epochs if _given(ctx, ["epochs"]) else None,
+                      device=device if _given(ctx, ["device"]) else None)
+        return
     model_opts = dict(backbone=backbone, stitch=stitch, alpha=alpha, beta=beta, batch_norm=batch_norm,
                       dropout=dropout, hidden=hidden)
     model_cfg = None
@@ -180,8 +214,9 @@ def train(
     stages.train(
         _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                      momentum=momentum, stitch_lr_mult=stitch_lr_mult, seed=seed, device=device),
-        out or default_out("train"), console, quiet, from_run=from_run,
+                    momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule, seed=seed,
+                    device=device, deterministic=deterministic),
+        _out(out, name, "train"), console, quiet, from_run=from_run, force=force,
     )
 
 
@@ -243,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         message = e.format_message() if isinstance(e, _ParseError) else str(e)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{getattr(e, 'label', 'error')}: {message}", file=sys.stderr)
         return e.exit_code
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

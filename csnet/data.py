@@ -260,8 +260,12 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     )
 
 
-def batches(split: Split, batch_size: int, *, mean: float, std: float, generator: torch.Generator | None = None):
+def batches(split: Split, batch_size: int, *, mean: float, std: float, generator: torch.Generator | None = None,
+            start: int = 0):
     """Yield (z-scored float images, {task: labels}) batches; shuffled when a generator is given.
+
+    ``start`` skips that many samples of the (shuffled) order, after drawing the whole
+    order, so a resumed epoch sees exactly the batches the interrupted one had left.
 
     Images stay uint8 in memory and are converted one batch at a time, which keeps
     the resident set four times smaller than a float copy of the data set.
@@ -269,11 +273,11 @@ def batches(split: Split, batch_size: int, *, mean: float, std: float, generator
     n = len(split)
     device = split.images.device
     order = torch.randperm(n, generator=generator).to(device) if generator is not None else None
-    for start in range(0, n, batch_size):
+    for first in range(start, n, batch_size):
         if order is None:
-            sl = slice(start, start + batch_size)
+            sl = slice(first, first + batch_size)
             images, labels = split.images[sl], {t: y[sl] for t, y in split.labels.items()}
         else:
-            idx = order[start:start + batch_size]
+            idx = order[first:first + batch_size]
             images, labels = split.images[idx], {t: y[idx] for t, y in split.labels.items()}
         yield (images.float() - mean) / std, labels

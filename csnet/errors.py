@@ -9,6 +9,7 @@ class CsnetError(Exception):
     """A problem the user can fix: bad data, a bad option, a folder that is not a run."""
 
     exit_code = 1
+    label = "error"  # the word before the one-line message
 
 
 class UsageError(CsnetError):

@@ -10,9 +10,15 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
 import pickle
+import re
+import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 from datetime import datetime
@@ -41,20 +47,50 @@ def default_out(command: str) -> Path:
     return path
 
 
-def ensure_new(path: Path) -> Path:
-    """Refuse an output folder that already has files in it, so nothing is overwritten."""
+RUN_FILES = (CONFIG, METRICS, MODEL, LAST, "eval.csv", "plots")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def run_path(name: str) -> Path:
+    """runs/NAME for a run name; a name is one folder name, so it cannot reach outside runs/."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise UsageError(f"--name {name!r} is not a run name (letters, digits, '.', '_', '-'; no '/' or '..'); "
+                         "use --out for a path")
+    return RUNS_DIR / name
+
+
+def ensure_new(path: Path, force: bool = False) -> Path:
+    """Refuse an output folder that already has files in it, so nothing is overwritten.
+
+    With ``force`` an earlier run may be replaced; a folder that holds anything else never is.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
-        what = "a run" if (path / CONFIG).exists() else "files"
-        raise UsageError(f"--out {path} already holds {what}; choose a new folder")
+        if not (path / CONFIG).exists():
+            raise UsageError(f"--out {path} already holds files; choose a new folder")
+        if not force:
+            raise UsageError(f"--out {path} already holds a run; choose a new folder, pass --force to replace it, "
+                             f"or continue it with: csnet train --resume {path}")
     return path
 
 
-def new_folder(path: Path) -> Path:
+def clear_run(path: Path) -> None:
+    """Remove an earlier run's own files (only those) before --force writes a new run there."""
+    for name in RUN_FILES:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def new_folder(path: Path, force: bool = False) -> Path:
     """Make an empty output folder (see ``ensure_new``)."""
-    path = ensure_new(path)
+    path = ensure_new(path, force)
+    if force and (path / CONFIG).exists():
+        clear_run(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -62,8 +98,8 @@ def new_folder(path: Path) -> Path:
     return path
 
 
-def create_run(path: Path) -> Path:
-    new_folder(path)
+def create_run(path: Path, force: bool = False) -> Path:
+    new_folder(path, force)
     (path / "plots").mkdir(exist_ok=True)
     return path
 
@@ -101,15 +137,39 @@ def read_config(run: Path) -> dict:
         raise CsnetError(f"{path}: unreadable ({e})") from e
 
 
+def code_version() -> dict:
+    """The git commit of the csnet code that runs, when it runs from a checkout (and whether it was edited)."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return {"git_commit": None}
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def environment(device: torch.device) -> dict:
-    """Versions and hardware recorded in config.json before the first step."""
+    """Versions, code commit and hardware recorded in config.json before the first step."""
     import torchvision
 
     from csnet import __version__
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "csnet": __version__,
+        **code_version(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -123,7 +183,9 @@ def environment(device: torch.device) -> dict:
 class MetricsWriter:
     """Append rows to metrics.csv and flush each batch of rows, so a crash loses at most the current epoch."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_before_epoch: int | None = None):
+        if keep_before_epoch is not None and path.exists():
+            truncate_metrics(path, keep_before_epoch)
         new = not path.exists()
         self._file = open(path, "a", newline="")
         self._csv = csv.writer(self._file)
@@ -142,8 +204,22 @@ class MetricsWriter:
         self._file.close()
 
 
+def truncate_metrics(path: Path, before_epoch: int) -> None:
+    """Keep only rows of epochs before ``before_epoch``: a resumed run rewrites what came after its checkpoint."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < before_epoch]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(kept)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
+    try:
+        atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
+    except OSError as e:  # a full disk, a removed folder: the previous file is still whole
+        kept = "the previous one is intact" if path.exists() else "no earlier one exists"
+        raise CsnetError(f"cannot write {path}: {e.strerror or e}; {kept}") from e
 
 
 def load_checkpoint(path: Path) -> dict:

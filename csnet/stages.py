@@ -17,7 +17,7 @@ from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import ModelConfig, build_network
 from csnet.progress import RichReporter
-from csnet.train import TrainConfig, evaluate, fit, resolve_device
+from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device
 
 
 def _write_config(run: Path, command: str, device: torch.device, **sections) -> None:
@@ -50,23 +50,22 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
 
 
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
-                  train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None) -> Path:
-    runio.ensure_new(out)  # before the slow part: a typo in --out should cost nothing
+                  train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None,
+                  force: bool = False) -> Path:
+    runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
     device, note = resolve_device(train_cfg.device)
     if note:
         console.print(note, highlight=False)
     data = data_lib.load(data_cfg, model_cfg.tasks)
     _check_geometry(model_cfg, data)
-    run = runio.create_run(out)
+    run = runio.create_run(out, force)
     torch.manual_seed(train_cfg.seed)
     net = build_network(model_cfg)
     if state is not None:
         net.load_state_dict(state)
     _write_config(
         run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
-        source=str(source) if source else None,
-        data_stats={"train": len(data.train), "val": len(data.val), "test": len(data.test),
-                    "mean": data.mean, "std": data.std, "files": {k: str(v) for k, v in data.files.items()}},
+        source=str(source) if source else None, data_stats=_data_stats(data),
     )
     n_units = sum(p.numel() for p in net.unit_parameters())
     n_params = sum(p.numel() for p in net.parameters())
@@ -74,7 +73,17 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
                   f"{model_cfg.backbone}, stitch {model_cfg.stitch}, {n_params:,} parameters "
                   f"({n_units:,} in units), device {device}", highlight=False)
-    best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet))
+    return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, None)
+
+
+def _data_stats(data: data_lib.Data) -> dict:
+    return {"train": len(data.train), "val": len(data.val), "test": len(data.test), "mean": data.mean,
+            "std": data.std, "files": {k: {"path": str(v), "sha256": runio.sha256(v)} for k, v in data.files.items()}}
+
+
+def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -> Path:
+    with deterministic_algorithms(train_cfg.deterministic):
+        best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet), resume)
     plots.curves({run.name: read_metrics(run)}, run / "plots")
     console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
                   highlight=False)
@@ -82,13 +91,13 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
 
 
 def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
-             console: Console, quiet: bool = False) -> Path:
+             console: Console, quiet: bool = False, force: bool = False) -> Path:
     """One single-task column: what the paper initialises each column of a cross-stitch net from."""
-    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None)
+    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force)
 
 
 def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out: Path,
-          console: Console, quiet: bool = False, from_run: Path | None = None) -> Path:
+          console: Console, quiet: bool = False, from_run: Path | None = None, force: bool = False) -> Path:
     """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``."""
     state = None
     if from_run is not None:
@@ -98,16 +107,52 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
                              f"but {data_cfg.dataset} has no task {', '.join(missing)} (its tasks: {', '.join(spec.tasks)})")
-    return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run)
+    return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run, force)
+
+
+def resume(run: Path, console: Console, *, epochs: int | None = None, device: str | None = None,
+           quiet: bool = False) -> Path:
+    """Continue a run from RUN/last.pt: weights, optimizer, schedule, RNG states, epoch and step, best so far.
+
+    On the CPU the finished run's metrics.csv equals an uninterrupted run's (timings aside).
+    """
+    config = runio.read_config(run)
+    if config.get("command") not in ("train", "pretrain"):
+        raise UsageError(f"{run} is a {config.get('command')} run; only train and pretrain runs can be resumed")
+    last = runio.load_checkpoint(run / runio.LAST)
+    train_cfg = TrainConfig.from_dict(config["train"])
+    if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
+        raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its --epochs {train_cfg.epochs}; "
+                         "resume it without --epochs")
+    train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs, device=device or train_cfg.device)
+    position = last["position"]
+    if position["epoch"] > train_cfg.epochs:
+        raise UsageError(f"{run} has finished its {position['epoch'] - 1} epochs; pass --epochs N "
+                         f"(more than {position['epoch'] - 1}) to train further")
+    model_cfg = ModelConfig.from_dict(last["model_config"])
+    dev, note = resolve_device(train_cfg.device)
+    if note:
+        console.print(note, highlight=False)
+    data = data_lib.load(DataConfig(**config["data"]), model_cfg.tasks)
+    _check_geometry(model_cfg, data)
+    net = build_network(model_cfg)
+    net.load_state_dict(last["model"])
+    config["train"] = asdict(train_cfg)
+    config.setdefault("resumed", []).append({"epoch": position["epoch"], "step": position["step"],
+                                             "environment": runio.environment(dev)})
+    runio.write_json(run / runio.CONFIG, config)
+    where = f"epoch {position['epoch']}" + (f", step {position['step']}" if position["step"] else "")
+    console.print(f"resuming {run} at {where} of {train_cfg.epochs}, device {dev}", highlight=False)
+    return _fit(net, model_cfg, data, train_cfg, run, dev, console, quiet, last)
 
 
 def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,
-           tasks: list[str] | None = None) -> Path:
+           tasks: list[str] | None = None, force: bool = False) -> Path:
     """Build a cross-stitch network whose columns start from single-task runs ("pretrain, then stitch",
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
         raise UsageError("stitch needs at least two pretrained runs")
-    runio.ensure_new(out)
+    runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
         if len(cfg.tasks) != 1:
@@ -132,7 +177,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
         net.columns[name].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     data_cfgs = [runio.read_config(s).get("data") for s in sources]
     same_data = all(d == data_cfgs[0] for d in data_cfgs)
-    run = runio.create_run(out)
+    run = runio.create_run(out, force)
     runio.save_checkpoint(run / runio.MODEL, {"model_config": model_cfg.to_dict(), "model": net.state_dict(),
                                               "epoch": 0, "norm": loaded[0][2]})
     _write_config(run, "stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,

@@ -8,8 +8,10 @@ label for a task (label -1) adds nothing to that task's loss or accuracy.
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,8 +22,10 @@ from csnet.data import MISSING_LABEL, Data, Split, batches
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
+from csnet.state import StopRequest, capture_rng, restore_rng
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -38,8 +42,10 @@ class TrainConfig:
     # The paper scales the units' learning rate by 10^2..10^3, with SGD. Adam's steps do
     # not grow with the gradient scale, so with Adam a multiplier of 1 is the safe default.
     stitch_lr_mult: float = 1.0
+    lr_schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = False
 
     def __post_init__(self):
         checks = [
@@ -48,12 +54,36 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
             (self.stitch_lr_mult > 0, "--stitch-lr-mult must be positive"),
+            (self.lr_schedule in SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """PyTorch's deterministic kernels for the duration of a run (then the previous setting again)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if on:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def resolve_device(name: str) -> tuple[torch.device, str | None]:
@@ -124,27 +154,46 @@ def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batc
     return tally.result()
 
 
-def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, epoch: int, reporter: Reporter):
+def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, epoch: int, reporter: Reporter,
+                stop: StopRequest, start_step: int = 0, tally: _Tally | None = None):
+    """One pass over the training set, from batch ``start_step`` on (a resumed epoch skips the batches done).
+
+    Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
+    """
     net.train()
-    tally = _Tally(net.tasks, data.train.images.device)
-    for step, (x, labels) in enumerate(batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen), 1):
+    tally = tally or _Tally(net.tasks, data.train.images.device)
+    step = start_step
+    for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
+                             start=start_step * cfg.batch_size):
+        step += 1
         loss = 0.0
         for task, logits in net(x).items():
             loss_sum, correct, n = _task_terms(logits, labels[task])
             tally.add(task, loss_sum, correct, n)
             loss = loss + loss_sum / n.clamp_min(1)
         if not torch.isfinite(loss):
-            raise CsnetError(
-                f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
-                f"the last good checkpoint is kept; try a lower --lr (now {cfg.lr:g})"
-            )
+            raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                                f"try a lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         reporter.step()
+        if stop.requested:
+            return None, step, tally
     metrics = tally.result()
     metrics["total"] = {"loss": sum(m["loss"] for t, m in metrics.items() if t != "mean" and not math.isnan(m["loss"]))}
-    return metrics
+    return metrics, step, tally
+
+
+class NonFiniteLoss(CsnetError):
+    """The loss became NaN or infinite: stop before the optimizer step spreads it into the weights."""
+
+
+class Interrupted(CsnetError):
+    """A stop requested by SIGINT/SIGTERM, after the checkpoint was written: exit 130 like a shell."""
+
+    exit_code = 130
+    label = "interrupted"
 
 
 def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, speed: float) -> str:
@@ -156,41 +205,86 @@ def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, spe
     )
 
 
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """None for a constant learning rate; cosine annealing to 0 over ``cfg.epochs`` epochs."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return None
+
+
 def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfig, run: Path,
-        device: torch.device, reporter: Reporter) -> dict:
-    """Train for ``cfg.epochs``; after each epoch evaluate val and test, append metrics, save checkpoints.
+        device: torch.device, reporter: Reporter, resume: dict | None = None) -> dict:
+    """Train until ``cfg.epochs``; after each epoch evaluate val and test, append metrics, save checkpoints.
 
     ``model.pt`` holds the weights of the best epoch by mean validation accuracy;
-    ``last.pt`` the whole training state after the last epoch.
+    ``last.pt`` the whole training state: after each epoch, or after the batch at
+    which SIGINT/SIGTERM arrived. ``resume`` is such a last.pt, whose weights the
+    caller has already loaded into ``net``.
     """
     net.to(device)
     data = data.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(net, cfg)
-    writer = runio.MetricsWriter(run / runio.METRICS)
+    sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_accuracy": -math.inf}
-    steps = math.ceil(len(data.train) / cfg.batch_size)
-    reporter.start(cfg.epochs, steps)
+    epoch, step, tally = 1, 0, None
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(resume["scheduler"])
+        restore_rng(resume["rng"], gen)
+        epoch, step, best = resume["position"]["epoch"], resume["position"]["step"], resume["best"]
+        if resume.get("tally") is not None:
+            tally = _Tally(net.tasks, device)
+            tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
+    norm = {"mean": data.mean, "std": data.std}
+
+    def checkpoint(position: dict, shuffle_state: torch.Tensor, partial: _Tally | None) -> None:
+        runio.save_checkpoint(run / runio.LAST, {
+            "model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+            "train_config": asdict(cfg), "best": best, "position": position,
+            "tally": {t: v.cpu() for t, v in partial.sums.items()} if partial else None,
+            "rng": capture_rng(gen, shuffle_state),
+        })
+
+    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=epoch if resume is not None else None)
+    reporter.start(cfg.epochs - epoch + 1, math.ceil(len(data.train) / cfg.batch_size))
+    resume_hint = f"resume with: csnet train --resume {run}"
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            train = train_epoch(net, data, opt, cfg, gen, epoch, reporter)
-            train_time = time.perf_counter() - t0
-            train["all"] = {"examples_per_s": len(data.train) / train_time, "seconds": train_time}
-            val = evaluate(net, data.val, mean=data.mean, std=data.std)
-            test = evaluate(net, data.test, mean=data.mean, std=data.std)
-            for split, values in (("train", train), ("val", val), ("test", test)):
-                writer.write(epoch, split, values)
-            state = {"model_config": model_cfg.to_dict(), "model": net.state_dict(), "epoch": epoch,
-                     "norm": {"mean": data.mean, "std": data.std}}
-            if val["mean"]["accuracy"] > best["val_accuracy"]:
-                best = {"epoch": epoch, "val_accuracy": val["mean"]["accuracy"]}
-                runio.save_checkpoint(run / runio.MODEL, {**state, "val_accuracy": best["val_accuracy"]})
-            runio.save_checkpoint(run / runio.LAST, {
-                **state, "optimizer": opt.state_dict(), "best": best, "train_config": asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "shuffle": gen.get_state()},
-            })
-            reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"]))
+        with StopRequest(on_second=f"The last good checkpoint, {run / runio.LAST}, is untouched; {resume_hint}") as stop:
+            while epoch <= cfg.epochs:
+                epoch_start = gen.get_state()  # batch order of this epoch, replayed on resume
+                t0 = time.perf_counter()
+                try:
+                    train, step, tally = train_epoch(net, data, opt, cfg, gen, epoch, reporter, stop, step, tally)
+                except NonFiniteLoss as e:
+                    kept = (f"the last good checkpoint, {run / runio.LAST}, is kept"
+                            if (run / runio.LAST).exists() else "no checkpoint was written")
+                    raise NonFiniteLoss(f"{e}; {kept}") from None
+                if train is None:
+                    checkpoint({"epoch": epoch, "step": step}, epoch_start, tally)
+                    raise Interrupted(f"by {stop.requested} at epoch {epoch}, step {step}; checkpoint saved in "
+                                      f"{run / runio.LAST}; {resume_hint}")
+                train_time = time.perf_counter() - t0
+                train["all"] = {"examples_per_s": len(data.train) / train_time, "seconds": train_time}
+                val = evaluate(net, data.val, mean=data.mean, std=data.std)
+                test = evaluate(net, data.test, mean=data.mean, std=data.std)
+                for split, values in (("train", train), ("val", val), ("test", test)):
+                    writer.write(epoch, split, values)
+                if sched is not None:
+                    sched.step()
+                if val["mean"]["accuracy"] > best["val_accuracy"]:
+                    best = {"epoch": epoch, "val_accuracy": val["mean"]["accuracy"]}
+                    runio.save_checkpoint(run / runio.MODEL, {
+                        "model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm,
+                        "epoch": epoch, "val_accuracy": best["val_accuracy"]})
+                checkpoint({"epoch": epoch + 1, "step": 0}, gen.get_state(), None)
+                reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"]))
+                epoch, step, tally = epoch + 1, 0, None
+                if stop.requested and epoch <= cfg.epochs:
+                    raise Interrupted(f"by {stop.requested} after epoch {epoch - 1}; checkpoint saved in "
+                                      f"{run / runio.LAST}; {resume_hint}")
     finally:
         writer.close()
         reporter.close()
