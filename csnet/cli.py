@@ -46,6 +46,7 @@ DataRoot = Annotated[Optional[str], typer.Option(
     help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
 ValSize = Annotated[int, typer.Option(min=1, help="Training images held out (seeded) for validation and model selection.")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
+TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
 SplitSeed = Annotated[int, typer.Option(help="Seed of the validation hold-out and the --train-size subset.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Examples per training step.")]
@@ -57,10 +58,25 @@ StitchLrMult = Annotated[float, typer.Option(
     help="Learning-rate multiplier of the cross-stitch weights; the paper's best: 100-1000 with SGD.")]
 Seed = Annotated[int, typer.Option(help="Seed of weight init, dropout and batch order.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")]
-Backbone = Annotated[Optional[str], typer.Option(help=f"Column architecture: {', '.join(BACKBONES)} [default: convnet].")]
+Backbone = Annotated[Optional[str], typer.Option(
+    help=f"Column architecture: {', '.join(BACKBONES)}, or module.path:function returning (nn.Module, "
+         "[stitch point names]) (see README). torchvision nets repeat a gray channel to RGB; VGG pads 28 px to 32. "
+         "[default: convnet]")]
 Stitch = Annotated[Optional[str], typer.Option(
-    help="Where units go: none (independent columns, summed loss), after-pool (pool1, pool2), "
-         "after-fc (fc), all (pool1, pool2, fc: the paper's placement). mlp: none, after-fc, all. [default: all]")]
+    help="Where units go: none (independent columns, summed loss), all (the backbone's default points: convnet "
+         "pool1, pool2, fc, the paper's placement; mlp every hidden layer; resnet layer1..4; vgg every pool), "
+         "convnet's after-pool (pool1, pool2) and after-fc (fc), or stage names, comma-separated. [default: all]")]
+UnitMode = Annotated[Optional[str], typer.Option(
+    help="channel: the paper's (T, T, C) weights; layer: one (T, T) matrix; dense: one (T*D, T*D) matrix over the "
+         "flattened features, the Keras variant (huge: 157M weights after pool1 of the convnet). [default: channel]")]
+UnitInit = Annotated[Optional[str], typer.Option(
+    help="alpha-beta (--alpha on the diagonal, --beta off it), identity, convex (alpha, (1-alpha)/(T-1)), "
+         "ones (every input the sum of all columns). [default: alpha-beta]")]
+Weights = Annotated[Optional[Path], typer.Option(
+    help="Local pretrained weights (a torchvision state dict) for every column of a torchvision backbone; "
+         "loaded with weights_only=True; tensors of another shape (the head) are skipped.")]
+FreezeColumns = Annotated[bool, typer.Option("--freeze-columns", help="Train only the units (the two-domain procedure).")]
+TrainHeads = Annotated[bool, typer.Option("--train-heads", help="With --freeze-columns, train the output heads too.")]
 Alpha = Annotated[Optional[float], typer.Option(help="Initial same-task unit weight [default: 0.9].")]
 Beta = Annotated[Optional[float], typer.Option(help="Initial different-task unit weight [default: 0.1]; --alpha 1 --beta 0 is the identity.")]
 BatchNorm = Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="Batch norm after the convs [default: on].")]
@@ -88,9 +104,9 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if (src := ctx.get_parameter_source(n)) is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")]
 
 
-def _data_config(dataset, data_root, val_size, train_size, split_seed) -> DataConfig:
+def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed) -> DataConfig:
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
-                      split_seed=split_seed)
+                      test_size=test_size, split_seed=split_seed)
 
 
 def _parse_list(text: str, option: str, cast=str) -> tuple:
@@ -121,10 +137,11 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 
 @app.command()
 def pretrain(
-    task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse).")],
+    task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse, body).")],
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
-    train_size: TrainSize = None, split_seed: SplitSeed = _D.split_seed,
+    train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
+    weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
@@ -138,25 +155,27 @@ def pretrain(
     model_cfg = _model_config([task], [spec.tasks[task]], stitch="none", backbone=backbone,
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
-        task, _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
+        task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
-        _out(out, name, f"pretrain-{task}"), console, quiet, force,
+        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights,
     )
 
 
 @app.command()
 def stitch(
     runs: Annotated[list[Path], typer.Argument(help="Two or more single-task pretrain runs, one per column.")],
-    stitch: Annotated[str, typer.Option(help="Where units go: none, after-pool, after-fc, all.")] = "all",
+    stitch: Annotated[str, typer.Option(help="Where units go: none, all, a named placement or stage names (as for train).")] = "all",
     alpha: Annotated[float, typer.Option(help="Initial same-task unit weight.")] = 0.9,
     beta: Annotated[float, typer.Option(help="Initial different-task unit weight.")] = 0.1,
+    unit_mode: UnitMode = None, unit_init: UnitInit = None,
     tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
     out: Out = None, name: Name = None, force: Force = False,
 ):
     """Build a cross-stitch network from pretrained columns and save it as a run (no training)."""
     run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
-                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None, force=force)
+                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None, force=force,
+                        unit_mode=unit_mode or "channel", unit_init=unit_init or "alpha-beta")
     console.print(f"stitched {len(runs)} columns (units: {stitch}); saved in {run}; "
                   f"train it with: csnet train --from {run}", highlight=False)
 
@@ -165,13 +184,15 @@ def stitch(
 def train(
     ctx: typer.Context,
     dataset: Annotated[Optional[str], typer.Option(help="Data set [default: fashion, or the --from run's].")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated [default: all of the data set's].")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated (fashion: fine, coarse, body) [default: fine,coarse].")] = None,
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Start from this run's saved network (e.g. a stitch run).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
-    train_size: TrainSize = None, split_seed: SplitSeed = _D.split_seed,
-    backbone: Backbone = None, stitch: Stitch = None, alpha: Alpha = None, beta: Beta = None,
-    batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
+    train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
+    backbone: Backbone = None, stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
+    alpha: Alpha = None, beta: Beta = None,
+    batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None, weights: Weights = None,
+    freeze_columns: FreezeColumns = False, train_heads: TrainHeads = False,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
@@ -191,13 +212,12 @@ def train(
                       epochs=epochs if _given(ctx, ["epochs"]) else None,
                       device=device if _given(ctx, ["device"]) else None)
         return
-    model_opts = dict(backbone=backbone, stitch=stitch, alpha=alpha, beta=beta, batch_norm=batch_norm,
-                      dropout=dropout, hidden=hidden)
+    model_opts = dict(backbone=backbone, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
+                      beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
     if from_run is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None]
-        if tasks:
-            given.append("--tasks")
+        given += [flag for flag, v in (("--tasks", tasks), ("--weights", weights)) if v]
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
         if dataset is None:
@@ -205,18 +225,19 @@ def train(
     else:
         dataset = dataset or _D.dataset
         spec = dataset_spec(dataset)
-        task_list = _parse_list(tasks, "--tasks") if tasks else tuple(spec.tasks)
+        task_list = _parse_list(tasks, "--tasks") if tasks else spec.default_tasks
         unknown = [t for t in task_list if t not in spec.tasks]
         if unknown:
             raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
         model_cfg = _model_config(task_list, [spec.tasks[t] for t in task_list],
                                   stitch=model_opts.pop("stitch") or "all", **model_opts)
     stages.train(
-        _data_config(dataset, data_root, val_size, train_size, split_seed), model_cfg,
+        _data_config(dataset, data_root, val_size, train_size, test_size, split_seed), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                    momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule, seed=seed,
-                    device=device, deterministic=deterministic),
-        _out(out, name, "train"), console, quiet, from_run=from_run, force=force,
+                    momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
+                    freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
+                    deterministic=deterministic),
+        _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights,
     )
 
 

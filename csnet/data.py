@@ -37,6 +37,12 @@ MISSING_LABEL = -1  # a sample without a label for a task; its loss is masked ou
 # 1 for women {3 dress, 6 shirt, 8 bag}, 2 other {0 t-shirt, 1 trouser, 2 pullover, 4 coat}.
 COARSE_OF_FINE = torch.tensor([2, 2, 2, 1, 2, 0, 1, 0, 1, 0])
 COARSE_CLASSES = ("shoes", "for women", "other")
+# A third task, so three columns can be stitched: where the item is worn. 0 upper body
+# {0 t-shirt, 2 pullover, 4 coat, 6 shirt}, 1 lower body {1 trouser}, 2 whole body {3 dress},
+# 3 footwear {5 sandal, 7 sneaker, 9 ankle boot}, 4 bag {8 bag}. Unlike coarse, it groups by
+# shape, so it shares more with fine than coarse does.
+BODY_OF_FINE = torch.tensor([0, 1, 0, 2, 0, 3, 0, 3, 4, 3])
+BODY_CLASSES = ("upper body", "lower body", "whole body", "footwear", "bag")
 
 
 @dataclass(frozen=True)
@@ -47,19 +53,21 @@ class DatasetSpec:
     folder: str
     tasks: dict[str, int]
     how_to_get: str
+    default_tasks: tuple[str, ...]
 
 
 DATASETS = {
     "fashion": DatasetSpec(
         name="fashion",
         folder="fashion-mnist",
-        tasks={"fine": 10, "coarse": 3},
+        tasks={"fine": 10, "coarse": 3, "body": 5},
         how_to_get=(
             "install the Debian package (sudo apt-get install dataset-fashion-mnist), "
             "or on a machine with a network run "
             "torchvision.datasets.FashionMNIST(ROOT, download=True) and copy ROOT/FashionMNIST/raw "
             "to DATA_ROOT/fashion-mnist"
         ),
+        default_tasks=("fine", "coarse"),
     ),
 }
 
@@ -72,6 +80,7 @@ class DataConfig:
     data_root: str | None = None
     val_size: int = 5000
     train_size: int | None = None
+    test_size: int | None = None
     split_seed: int = 0
 
 
@@ -86,7 +95,9 @@ def _fine_labels(fine: torch.Tensor, task: str) -> torch.Tensor:
         return fine.long()
     if task == "coarse":
         return COARSE_OF_FINE[fine.long()]
-    raise UsageError(f"unknown task {task!r} for fashion; valid: fine, coarse")
+    if task == "body":
+        return BODY_OF_FINE[fine.long()]
+    raise UsageError(f"unknown task {task!r} for fashion; valid: fine, coarse, body")
 
 
 # ---------------------------------------------------------------- IDX files
@@ -242,6 +253,13 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     val_idx, rest = order[:val_size], order[val_size:]
     train_idx = rest[:train_size] if train_size is not None else rest
 
+    n_test = arrays["test_images"].shape[0]
+    test_idx = None
+    if cfg.test_size is not None:
+        if not 0 < cfg.test_size <= n_test:
+            raise UsageError(f"--test-size must be between 1 and {n_test}")
+        test_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.test_size]
+
     def make(images: torch.Tensor, fine: torch.Tensor, idx: torch.Tensor | None) -> Split:
         if idx is not None:
             images, fine = images[idx], fine[idx]
@@ -252,7 +270,7 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     return Data(
         train=train,
         val=make(arrays["train_images"], arrays["train_labels"], val_idx),
-        test=make(arrays["test_images"], arrays["test_labels"], None),
+        test=make(arrays["test_images"], arrays["test_labels"], test_idx),
         mean=float(pixels.mean()),
         std=float(pixels.std()),
         num_classes={t: spec.tasks[t] for t in tasks},

@@ -51,21 +51,22 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
 
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
                   train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None,
-                  force: bool = False) -> Path:
+                  force: bool = False, weights: Path | None = None) -> Path:
     runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
     device, note = resolve_device(train_cfg.device)
+    torch.manual_seed(train_cfg.seed)
+    net = build_network(model_cfg, weights)  # a bad stitch point or backbone fails here, before the data loads
+    if state is not None:
+        net.load_state_dict(state)
     if note:
         console.print(note, highlight=False)
     data = data_lib.load(data_cfg, model_cfg.tasks)
     _check_geometry(model_cfg, data)
     run = runio.create_run(out, force)
-    torch.manual_seed(train_cfg.seed)
-    net = build_network(model_cfg)
-    if state is not None:
-        net.load_state_dict(state)
     _write_config(
         run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
         source=str(source) if source else None, data_stats=_data_stats(data),
+        weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
     )
     n_units = sum(p.numel() for p in net.unit_parameters())
     n_params = sum(p.numel() for p in net.parameters())
@@ -91,13 +92,14 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
 
 
 def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
-             console: Console, quiet: bool = False, force: bool = False) -> Path:
+             console: Console, quiet: bool = False, force: bool = False, weights: Path | None = None) -> Path:
     """One single-task column: what the paper initialises each column of a cross-stitch net from."""
-    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force)
+    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force, weights)
 
 
 def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out: Path,
-          console: Console, quiet: bool = False, from_run: Path | None = None, force: bool = False) -> Path:
+          console: Console, quiet: bool = False, from_run: Path | None = None, force: bool = False,
+          weights: Path | None = None) -> Path:
     """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``."""
     state = None
     if from_run is not None:
@@ -107,7 +109,8 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
                              f"but {data_cfg.dataset} has no task {', '.join(missing)} (its tasks: {', '.join(spec.tasks)})")
-    return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run, force)
+    return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run, force,
+                         weights)
 
 
 def resume(run: Path, console: Console, *, epochs: int | None = None, device: str | None = None,
@@ -147,7 +150,8 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
 
 
 def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,
-           tasks: list[str] | None = None, force: bool = False) -> Path:
+           tasks: list[str] | None = None, force: bool = False, unit_mode: str = "channel",
+           unit_init: str = "alpha-beta") -> Path:
     """Build a cross-stitch network whose columns start from single-task runs ("pretrain, then stitch",
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
@@ -170,7 +174,8 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     if len(set(names)) != len(names):
         raise UsageError(f"two columns would share a task name ({', '.join(names)}); name them with --tasks")
     model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
-                            stitch=stitch, alpha=alpha, beta=beta, **loaded[0][0].column_arch())
+                            stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
+                            **loaded[0][0].column_arch())
     net = build_network(model_cfg)
     for name, (cfg, state, _) in zip(names, loaded):
         prefix = f"columns.{cfg.tasks[0]}."

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from csnet import runio
 from csnet.data import MISSING_LABEL, Data, Split, batches
@@ -43,6 +44,9 @@ class TrainConfig:
     # not grow with the gradient scale, so with Adam a multiplier of 1 is the safe default.
     stitch_lr_mult: float = 1.0
     lr_schedule: str = "constant"
+    # Train only the units (and, with train_heads, the output heads): the two-domain notebook's procedure.
+    freeze_columns: bool = False
+    train_heads: bool = False
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
@@ -97,6 +101,27 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
     return torch.device(name), None
 
 
+def freeze(net: CrossStitchNet, cfg: TrainConfig) -> None:
+    """With ``freeze_columns``, columns keep their weights (heads too, unless ``train_heads``)."""
+    if not cfg.freeze_columns:
+        return
+    for column in net.columns.values():
+        for p in column.stages.parameters():
+            p.requires_grad_(False)
+        for p in column.head.parameters():
+            p.requires_grad_(cfg.train_heads)
+
+
+def set_train_mode(net: CrossStitchNet, cfg: TrainConfig) -> None:
+    """Train mode, except that frozen stages keep their batch-norm statistics as they were."""
+    net.train()
+    if cfg.freeze_columns:
+        for column in net.columns.values():
+            for m in column.stages.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+
 def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Two parameter groups: the columns, and the unit weights at ``lr * stitch_lr_mult`` without decay.
 
@@ -105,9 +130,11 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimiz
     """
     unit_ids = {id(p) for p in net.unit_parameters()}
     column_params = [p for p in net.parameters() if id(p) not in unit_ids and p.requires_grad]
-    groups = [{"params": column_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups = [{"params": column_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}] if column_params else []
     if unit_ids:
         groups.append({"params": net.unit_parameters(), "lr": cfg.lr * cfg.stitch_lr_mult, "weight_decay": 0.0})
+    if not groups:
+        raise UsageError("nothing to train: --freeze-columns on a network without units (add --train-heads?)")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -160,7 +187,7 @@ def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, ep
 
     Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
     """
-    net.train()
+    set_train_mode(net, cfg)
     tally = tally or _Tally(net.tasks, data.train.images.device)
     step = start_step
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
@@ -224,6 +251,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     net.to(device)
     data = data.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    freeze(net, cfg)
     opt = make_optimizer(net, cfg)
     sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_accuracy": -math.inf}

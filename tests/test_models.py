@@ -70,13 +70,15 @@ def test_gradients_reach_every_unit_weight_through_the_network():
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; valid: convnet, mlp"),
-    ({"stitch": "middle"}, "--stitch middle does not apply to convnet; valid: none, after-pool, after-fc, all"),
+    ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; valid: convnet, mlp, resnet18, resnet34, resnet50, vgg11"),
+    ({"stitch": "middle"}, "unknown stitch point(s) middle for convnet; valid: none, all, after-pool, after-fc, "
+                           "or stage names pool1, pool2, fc"),
     ({"backbone": "mlp", "stitch": "after-pool"}, "valid: none, after-fc, all"),
+    ({"unit_mode": "diagonal"}, "unknown --unit-mode 'diagonal'; valid: channel, layer, dense"),
 ])
 def test_bad_model_settings_name_the_valid_ones(kw, message):
-    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
-        _config(**kw)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_network(_config(**kw))
 
 
 def test_units_need_two_tasks():

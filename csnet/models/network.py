@@ -7,32 +7,40 @@ reproduction: columns side by side, trained on the sum of the task losses.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from csnet.errors import UsageError
 from csnet.models import columns as columns_lib
+from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
 from csnet.models.columns import Column
-from csnet.models.unit import CrossStitchUnit
+from csnet.models.unit import INITS, MODES, CrossStitchUnit
 
-BACKBONES = ("convnet", "mlp")
-# Where each --stitch choice puts units, per backbone. The paper places units after
-# pooling and fully connected layers; the reproduction uses pool1, pool2 and fc ("all").
-STITCH_POINTS = {
-    "convnet": {"none": [], "after-pool": ["pool1", "pool2"], "after-fc": ["fc"], "all": ["pool1", "pool2", "fc"]},
-    "mlp": {"none": [], "after-fc": None, "all": None},  # None: after every hidden layer
+BACKBONES = ("convnet", "mlp", *TORCHVISION)
+# Named placements of the Fashion convnet. The paper places units after pooling and
+# fully connected layers; the reproduction uses pool1, pool2 and fc ("all").
+ALIASES = {
+    "convnet": {"after-pool": ["pool1", "pool2"], "after-fc": ["fc"]},
+    "mlp": {"after-fc": None},  # None: the column's default points, after every hidden layer
 }
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a network; stored in every checkpoint next to the weights."""
+    """Everything needed to rebuild a network; stored in every checkpoint next to the weights.
+
+    ``stitch``: ``none``, ``all`` (the backbone's default points), a named placement
+    (``after-pool``, ``after-fc``), or a comma-separated list of stage names.
+    """
 
     tasks: tuple[str, ...]
     num_classes: tuple[int, ...]
     backbone: str = "convnet"
     stitch: str = "all"
+    unit_mode: str = "channel"
+    unit_init: str = "alpha-beta"
     alpha: float = 0.9
     beta: float = 0.1
     in_channels: int = 1
@@ -45,11 +53,16 @@ class ModelConfig:
         # JSON and checkpoints give lists back; keep tuples so configs compare and hash.
         for name in ("tasks", "num_classes", "hidden"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.backbone not in BACKBONES:
-            raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}")
-        if self.stitch not in STITCH_POINTS[self.backbone]:
-            valid = ", ".join(STITCH_POINTS[self.backbone])
-            raise UsageError(f"--stitch {self.stitch} does not apply to {self.backbone}; valid: {valid}")
+        if self.backbone not in BACKBONES and ":" not in self.backbone:
+            raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
+                             "or module.path:function for your own")
+        if self.unit_mode not in MODES:
+            raise UsageError(f"unknown --unit-mode {self.unit_mode!r}; valid: {', '.join(MODES)}")
+        if self.unit_init not in INITS:
+            raise UsageError(f"unknown --unit-init {self.unit_init!r}; valid: {', '.join(INITS)}")
+        if self.stitch == "after-pool" and self.backbone == "mlp":
+            raise UsageError("--stitch after-pool does not apply to mlp (no pooling layers); valid: none, after-fc, "
+                             "all, or hidden layer names")
         if len(self.tasks) != len(self.num_classes) or len(set(self.tasks)) != len(self.tasks):
             raise UsageError(f"tasks {list(self.tasks)} must be distinct, one per column")
         if self.stitch != "none" and len(self.tasks) < 2:
@@ -73,43 +86,67 @@ class ModelConfig:
             arch["hidden"] = self.hidden
         return arch
 
-    def points(self) -> list[str]:
-        points = STITCH_POINTS[self.backbone][self.stitch]
-        return [f"hidden{k}" for k in range(1, len(self.hidden) + 1)] if points is None else points
+    def points(self, column: Column) -> list[str]:
+        if self.stitch == "none":
+            return []
+        if self.stitch == "all":
+            return list(column.default_points)
+        alias = ALIASES.get(self.backbone, {})
+        if self.stitch in alias:
+            return list(column.default_points) if alias[self.stitch] is None else alias[self.stitch]
+        points = [p.strip() for p in self.stitch.split(",") if p.strip()]
+        unknown = [p for p in points if p not in column.stages]
+        if unknown:
+            named = ["none", "all", *alias]
+            raise UsageError(f"unknown stitch point(s) {', '.join(unknown)} for {self.backbone}; valid: "
+                             f"{', '.join(named)}, or stage names {', '.join(column.stages)}")
+        return points
 
 
-def build_column(cfg: ModelConfig, num_classes: int) -> Column:
+def build_column(cfg: ModelConfig, num_classes: int, weights: Path | None = None) -> Column:
     if cfg.backbone == "convnet":
-        return columns_lib.convnet(
-            num_classes, in_channels=cfg.in_channels, image_size=cfg.image_size,
-            batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-        )
-    return columns_lib.mlp(
-        num_classes, in_features=cfg.in_channels * cfg.image_size ** 2, hidden=cfg.hidden, dropout=cfg.dropout,
-    )
+        column = columns_lib.convnet(num_classes, in_channels=cfg.in_channels, image_size=cfg.image_size,
+                                     batch_norm=cfg.batch_norm, dropout=cfg.dropout)
+    elif cfg.backbone == "mlp":
+        column = columns_lib.mlp(num_classes, in_features=cfg.in_channels * cfg.image_size ** 2,
+                                 hidden=cfg.hidden, dropout=cfg.dropout)
+    elif cfg.backbone in TORCHVISION:
+        return torchvision_column(cfg.backbone, num_classes, cfg.in_channels, cfg.image_size, weights)
+    else:
+        return custom_column(cfg.backbone, num_classes, cfg.in_channels, cfg.image_size)
+    if weights is not None:
+        raise UsageError(f"--weights applies to torchvision backbones; {cfg.backbone} starts from --from or scratch")
+    return as_column(column)
 
 
 class CrossStitchNet(nn.Module):
     """Columns that all see the same input, mixed by a unit after each stage named in ``points``.
 
-    ``forward(x)`` returns ``{task: logits}``; ``features(x)`` the activations each
-    task's head receives.
+    ``forward(x)`` returns ``{task: output of that column's own head}``; ``features(x)``
+    ``{task: tensor after the last stage}`` (what each head receives).
     """
 
-    def __init__(self, columns: dict[str, Column], points: list[str], alpha: float = 0.9, beta: float = 0.1):
+    def __init__(self, columns: dict[str, Column], points: list[str], alpha: float = 0.9, beta: float = 0.1,
+                 mode: str = "channel", init: str = "alpha-beta"):
         super().__init__()
         self.columns = nn.ModuleDict(columns)
-        first = next(iter(columns.values()))
+        first_task, first = next(iter(columns.items()))
         self.stage_names = list(first.stages)
         for task, column in columns.items():
             if list(column.stages) != self.stage_names:
-                raise UsageError(f"column {task!r} has stages {list(column.stages)}, expected {self.stage_names}")
+                raise UsageError(f"column {task!r} has stages {list(column.stages)}, "
+                                 f"column {first_task!r} has {self.stage_names}")
         unknown = [p for p in points if p not in self.stage_names]
         if unknown:
-            raise UsageError(f"unknown stitch point(s) {unknown}; valid: {', '.join(self.stage_names)}")
-        self.units = nn.ModuleDict(
-            {p: CrossStitchUnit(len(columns), first.channels[p], alpha, beta) for p in points}
-        )
+            raise UsageError(f"unknown stitch point(s) {', '.join(unknown)}; valid: {', '.join(self.stage_names)}")
+        units = {}
+        for p in points:
+            widths = {t: c.channels.get(p) for t, c in columns.items()}
+            if mode == "channel" and (None in widths.values() or len(set(widths.values())) > 1):
+                raise UsageError(f"columns differ at stitch point {p}: channels {widths}")
+            units[p] = CrossStitchUnit(len(columns), widths[first_task] if mode == "channel" else None, mode,
+                                       alpha, beta, init)
+        self.units = nn.ModuleDict(units)
 
     @property
     def tasks(self) -> list[str]:
@@ -130,7 +167,37 @@ class CrossStitchNet(nn.Module):
     def unit_parameters(self) -> list[nn.Parameter]:
         return list(self.units.parameters())
 
+    def materialize(self, example: torch.Tensor) -> "CrossStitchNet":
+        """Size lazy (dense) units with one forward pass; needed before an optimizer is built."""
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.unit_parameters()):
+            was_training = self.training
+            with torch.no_grad():
+                self.eval()(example)
+            self.train(was_training)
+        return self
 
-def build_network(cfg: ModelConfig) -> CrossStitchNet:
-    columns = {task: build_column(cfg, n) for task, n in zip(cfg.tasks, cfg.num_classes)}
-    return CrossStitchNet(columns, cfg.points(), cfg.alpha, cfg.beta)
+
+def stitch(columns: dict[str, nn.Module], *, mode: str = "channel", alpha: float = 0.9, beta: float = 0.1,
+           init: str = "alpha-beta", points: list[str] | None = None) -> CrossStitchNet:
+    """Stitch one network per task into a cross-stitch network.
+
+    ``columns`` may be csnet columns, torchvision ResNets or VGGs, ``nn.Sequential``s, or
+    any module whose forward applies its top-level children in order (the last one the
+    head). Units go after each column's default points (ResNet: layer1..layer4; VGG:
+    every max-pool) unless ``points`` names the stages. With ``alpha=1, beta=0`` (or
+    ``init="identity"``) each output equals its column's own output bit for bit.
+    In ``dense`` mode, run one forward pass (or ``materialize(example)``) before
+    building an optimizer: the matrix is sized by the first input.
+    """
+    if len(columns) < 2:
+        raise UsageError("stitch needs at least two columns")
+    cols = {task: as_column(m) for task, m in columns.items()}
+    chosen = list(points) if points is not None else next(iter(cols.values())).default_points
+    return CrossStitchNet(cols, chosen, alpha, beta, mode, init)
+
+
+def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet:
+    columns = {task: build_column(cfg, n, weights) for task, n in zip(cfg.tasks, cfg.num_classes)}
+    net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
+                         cfg.unit_init)
+    return net.materialize(torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size))

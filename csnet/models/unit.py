@@ -1,35 +1,94 @@
 """The cross-stitch unit of Misra, Shrivastava, Gupta and Hebert, "Cross-stitch Networks for
 Multi-task Learning", CVPR 2016 (arXiv 1604.03539), section 3.2.
 
-For target task i, source task j and channel c the unit computes
+For target task i, source task j and channel c the paper's unit computes
 ``out_i[:, c] = sum_j w[i, j, c] * x_j[:, c]``: every task gets its own row of
 mixing weights (a unit that feeds the same mix to every task, or one that only
 reads the diagonal, is a known defect of public implementations).
+
+Variants found in public implementations (CONTEXT.md):
+- ``channel``: the paper's, one T x T matrix per channel, weights (T, T, C);
+- ``layer``: one T x T matrix for the whole layer, weights (T, T);
+- ``dense``: the Keras layer, one full (T*D, T*D) matrix over the concatenated
+  flattened features (D = C*H*W per task). Huge: after pool1 of the Fashion
+  convnet, D = 32*14*14 = 6,272 and two tasks need 157,351,936 weights.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
+MODES = ("channel", "layer", "dense")
+INITS = ("alpha-beta", "identity", "convex", "ones")
+DENSE_WARN_WEIGHTS = 10_000_000  # above this a dense unit gets a warning: ~40 MB of weights, 160 MB with Adam
+
+
+def init_values(n_tasks: int, init: str, alpha: float, beta: float) -> tuple[float, float]:
+    """(same-task, different-task) starting weights of an init scheme.
+
+    ``alpha-beta``: alpha / beta as given (the paper's 0.9 / 0.1 by default);
+    ``identity``: 1 / 0, every column starts alone (a TensorFlow reproduction, the Keras layer);
+    ``convex``: alpha / (1 - alpha) / (T - 1), each row sums to 1 (a small PyTorch package);
+    ``ones``: 1 / 1, every input becomes the SUM of all columns (two libraries), so
+    activations grow with the number of tasks.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown unit init {init!r}; valid: {', '.join(INITS)}")
+    if init == "identity":
+        return 1.0, 0.0
+    if init == "convex":
+        return alpha, (1.0 - alpha) / (n_tasks - 1)
+    if init == "ones":
+        warnings.warn(f"'ones' init: every unit input becomes the sum of all {n_tasks} columns, "
+                      "so activations grow with the number of tasks", stacklevel=3)
+        return 1.0, 1.0
+    return alpha, beta
+
 
 class CrossStitchUnit(nn.Module):
-    """Mix T tasks' activations channel by channel with learned (T, T, C) weights.
+    """Mix T tasks' activations with learned weights, initialised to ``alpha`` on the diagonal
+    (same-task, alpha_S in the paper) and ``beta`` off it (different-task, alpha_D).
 
-    Initialised with ``alpha`` on the diagonal (same-task weight, alpha_S in the
-    paper) and ``beta`` off it (different-task weight, alpha_D). The paper starts
-    from convex combinations such as 0.9 / 0.1; ``alpha=1, beta=0`` is the identity,
-    under which each task's output is its own input, unchanged. Training leaves
-    the weights unconstrained.
+    ``alpha=1, beta=0`` (or ``init="identity"``) is the identity: each task's output is its
+    own input, unchanged. Training leaves the weights unconstrained.
+
+    ``channels`` is C for ``channel`` mode, ignored for ``layer`` mode, and for ``dense``
+    mode the flattened feature size D per task; ``None`` there sizes the matrix at the
+    first forward pass (run one before building the optimizer).
     """
 
-    def __init__(self, n_tasks: int, channels: int, alpha: float = 0.9, beta: float = 0.1):
+    def __init__(self, n_tasks: int, channels: int | None = None, mode: str = "channel", alpha: float = 0.9,
+                 beta: float = 0.1, init: str = "alpha-beta"):
         super().__init__()
         if n_tasks < 2:
             raise ValueError(f"a cross-stitch unit mixes at least 2 tasks, got {n_tasks}")
-        self.n_tasks, self.channels = n_tasks, channels
-        diagonal = torch.eye(n_tasks, dtype=torch.bool).unsqueeze(-1).expand(n_tasks, n_tasks, channels)
-        self.weight = nn.Parameter(torch.where(diagonal, alpha, beta).float())
+        if mode not in MODES:
+            raise ValueError(f"unknown unit mode {mode!r}; valid: {', '.join(MODES)}")
+        if mode == "channel" and not channels:
+            raise ValueError("a channel-mode unit needs the number of channels")
+        self.n_tasks, self.channels, self.mode = n_tasks, channels, mode
+        self.same, self.other = init_values(n_tasks, init, alpha, beta)
+        if mode == "dense":
+            self.weight = nn.UninitializedParameter() if channels is None else nn.Parameter(self._dense_init(channels))
+        else:
+            diagonal = torch.eye(n_tasks, dtype=torch.bool)
+            if mode == "channel":
+                diagonal = diagonal.unsqueeze(-1).expand(n_tasks, n_tasks, channels)
+            self.weight = nn.Parameter(torch.where(diagonal, self.same, self.other).float())
+
+    def _dense_init(self, features: int, device=None) -> torch.Tensor:
+        n = self.n_tasks * features
+        if n * n > DENSE_WARN_WEIGHTS:
+            warnings.warn(f"dense cross-stitch unit over {self.n_tasks} x {features:,} features has {n * n:,} "
+                          f"weights ({n * n * 4 / 2**20:,.0f} MiB in float32)", stacklevel=4)
+        # Same pattern as channel mode, feature by feature: W[i*D + k, j*D + k] = same or other.
+        block = torch.full((self.n_tasks, self.n_tasks), self.other)
+        block.fill_diagonal_(self.same)
+        return torch.kron(block, torch.eye(features)).to(device)
 
     def forward(self, xs: list[torch.Tensor] | dict[str, torch.Tensor]):
         """Take one (B, C, ...) tensor per task, as a list or a {task: tensor} dict; return the same kind."""
@@ -37,8 +96,13 @@ class CrossStitchUnit(nn.Module):
             return dict(zip(xs, self.forward(list(xs.values()))))
         if len(xs) != self.n_tasks:
             raise ValueError(f"unit built for {self.n_tasks} tasks got {len(xs)} inputs")
+        if self.mode == "dense":
+            return self._dense(xs)
         x = torch.stack(xs)  # (T_source, B, C, *spatial)
-        w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (x.dim() - 3)))
+        if self.mode == "channel":
+            w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (x.dim() - 3)))
+        else:
+            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * (x.dim() - 1)))
         # out[i] = sum_j w[i, j] * x[j]: accumulate one source at a time so no (T, T, B, C, ...)
         # product tensor is ever materialised.
         out = w[:, 0].unsqueeze(1) * x[0]
@@ -46,5 +110,17 @@ class CrossStitchUnit(nn.Module):
             out = out + w[:, j].unsqueeze(1) * x[j]
         return list(out.unbind(0))
 
+    def _dense(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        shape = xs[0].shape
+        features = math.prod(shape[1:])
+        if isinstance(self.weight, nn.UninitializedParameter):
+            self.channels = features
+            self.weight.materialize((self.n_tasks * features,) * 2, device=xs[0].device)
+            with torch.no_grad():
+                self.weight.copy_(self._dense_init(features, xs[0].device))
+        flat = torch.cat([x.reshape(shape[0], -1) for x in xs], dim=1)  # (B, T*D)
+        mixed = flat @ self.weight.t()
+        return [part.reshape(shape) for part in mixed.split(features, dim=1)]
+
     def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, channels={self.channels}"
+        return f"n_tasks={self.n_tasks}, channels={self.channels}, mode={self.mode}"

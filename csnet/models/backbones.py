@@ -1,0 +1,193 @@
+"""Any backbone as a column: a module cut into named stages, between which units can go.
+
+- torchvision ResNets: the stem (conv1, bn1, relu, maxpool) is one stage that runs per
+  column, then ``layer1``..``layer4`` (the units' default places, as in the PyTorch
+  notebook of CONTEXT.md); the head is the column's own avgpool -> flatten -> fc.
+- torchvision VGGs: ``features`` cut after each max-pool (``pool1``..``pool5``); the head
+  is avgpool -> flatten -> classifier.
+- ``nn.Sequential`` and a user's own module: its top-level children in order, the last
+  one the head. The module's forward must be exactly that sequence (like nn.Sequential).
+
+Stages share their modules with the original network (no copies), so a column
+computes what the module computes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from csnet.errors import CsnetError, UsageError
+from csnet.models.columns import Column
+
+TORCHVISION = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "vgg11": torchvision.models.vgg11,
+    "vgg16": torchvision.models.vgg16,
+    "vgg16_bn": torchvision.models.vgg16_bn,
+}
+
+
+class RepeatChannels(nn.Module):
+    """Feed one-channel images to a network built for RGB by repeating the channel.
+
+    Chosen over adapting the first conv so ImageNet weights load unchanged.
+    """
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x
+
+
+def _out_channels(modules) -> int | None:
+    """Channels (conv) or features (linear) of what the last parameterised layer among ``modules`` outputs."""
+    for m in reversed(list(modules)):
+        for attr in ("out_channels", "out_features", "num_features"):
+            if isinstance(getattr(m, attr, None), int):
+                return getattr(m, attr)
+    return None
+
+
+def _channels(stages: dict[str, nn.Module]) -> dict[str, int]:
+    channels, current = {}, None
+    for name, stage in stages.items():
+        found = _out_channels(stage.modules())
+        current = found if found is not None else current
+        if current is not None:
+            channels[name] = current
+    return channels
+
+
+def _column(stages: dict[str, nn.Module], head: nn.Module, points: list[str]) -> Column:
+    column = Column(stages, head, _channels(stages))
+    column.default_points = list(points)
+    return column
+
+
+def resnet_column(model: torchvision.models.ResNet, adapter: nn.Module | None = None) -> Column:
+    stem = [adapter] if adapter is not None else []
+    stages = {"stem": nn.Sequential(*stem, model.conv1, model.bn1, model.relu, model.maxpool)}
+    stages.update({f"layer{k}": getattr(model, f"layer{k}") for k in range(1, 5)})
+    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.fc), ["layer1", "layer2", "layer3", "layer4"])
+
+
+def vgg_column(model: torchvision.models.VGG, adapter: nn.Module | None = None) -> Column:
+    stages, current = {}, [adapter] if adapter is not None else []
+    for layer in model.features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            stages[f"pool{len(stages) + 1}"] = nn.Sequential(*current)
+            current = []
+    if current:  # layers after the last pool belong to the last stage
+        stages[list(stages)[-1]] = nn.Sequential(*stages[list(stages)[-1]], *current)
+    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier), list(stages))
+
+
+def sequential_column(module: nn.Module, points: list[str] | None = None) -> Column:
+    children = dict(module.named_children())
+    if len(children) < 2:
+        raise UsageError(f"{type(module).__name__} has {len(children)} child modules; a column needs stages and a head")
+    names = list(children)
+    stages = {n: children[n] for n in names[:-1]}
+    return _column(stages, children[names[-1]], points if points is not None else list(stages))
+
+
+def as_column(module: nn.Module, points: list[str] | None = None) -> Column:
+    """Cut a network into stages: csnet columns as they are, torchvision ResNet/VGG by their
+    structure, anything else by its top-level children (the last one the head)."""
+    if isinstance(module, Column):
+        column = module
+    elif isinstance(module, torchvision.models.ResNet):
+        column = resnet_column(module)
+    elif isinstance(module, torchvision.models.VGG):
+        column = vgg_column(module)
+    else:
+        column = sequential_column(module, points)
+    if points is not None:
+        unknown = [p for p in points if p not in column.stages]
+        if unknown:
+            raise UsageError(f"unknown stitch point(s) {', '.join(unknown)}; valid: {', '.join(column.stages)}")
+        column.default_points = list(points)
+    if not hasattr(column, "default_points"):
+        column.default_points = list(column.stages)
+    return column
+
+
+def torchvision_column(name: str, num_classes: int, in_channels: int, image_size: int,
+                       weights: Path | None = None) -> Column:
+    """A torchvision network as a column; one-channel images repeat their channel to three.
+    VGG's five pools need at least 32 pixels, so smaller images (Fashion-MNIST's 28) are
+    zero-padded to 32 (zero is the mean after z-scoring)."""
+    model = TORCHVISION[name](weights=None, num_classes=num_classes)
+    if weights is not None:
+        load_weights(model, weights)
+    adapters = []
+    if in_channels == 1:
+        adapters.append(RepeatChannels(3))
+    if name.startswith("vgg") and image_size < 32:
+        pad = 32 - image_size
+        adapters.append(nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+    adapter = nn.Sequential(*adapters) if adapters else None
+    return resnet_column(model, adapter) if name.startswith("resnet") else vgg_column(model, adapter)
+
+
+def load_weights(model: nn.Module, path: Path) -> list[str]:
+    """Load a local state dict (torch.load weights_only=True) into ``model``; tensors whose shape
+    differs (an ImageNet head of 1000 classes) are skipped and named in the return value."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsnetError(f"--weights {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CsnetError(f"--weights {path}: refused or unreadable as plain weights ({type(e).__name__})") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CsnetError(f"--weights {path}: not a state dict")
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CsnetError(f"--weights {path}: no tensor matches {type(model).__name__} (wrong architecture?)")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int) -> Column:
+    """``package.module:function`` returning (nn.Module, [stitch point names]).
+
+    The function is called with ``num_classes`` and, if it accepts them, ``in_channels``
+    and ``image_size``. The current folder is importable, like ``python -m``.
+    """
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise UsageError(f"--backbone {spec!r}: a custom column is given as module.path:function")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except ImportError as e:
+        raise UsageError(f"--backbone {spec}: cannot import {module_name} ({e})") from e
+    except AttributeError:
+        raise UsageError(f"--backbone {spec}: {module_name} has no {func_name}") from None
+    params = inspect.signature(factory).parameters
+    kwargs = {"num_classes": num_classes}
+    for key, value in (("in_channels", in_channels), ("image_size", image_size)):
+        if key in params:
+            kwargs[key] = value
+    result = factory(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise UsageError(f"--backbone {spec}: the function must return (nn.Module, [stitch point names])")
+    module, points = result
+    return as_column(module, list(points))
