@@ -100,7 +100,10 @@ def sequential_column(module: nn.Module, points: list[str] | None = None) -> Col
         raise UsageError(f"{type(module).__name__} has {len(children)} child modules; a column needs stages and a head")
     names = list(children)
     stages = {n: children[n] for n in names[:-1]}
-    return _column(stages, children[names[-1]], points if points is not None else list(stages))
+    column = _column(stages, children[names[-1]], [])
+    # by default, after every stage whose width is known (a Flatten first has none)
+    column.default_points = points if points is not None else [n for n in stages if n in column.channels]
+    return column
 
 
 def as_column(module: nn.Module, points: list[str] | None = None) -> Column:

@@ -102,7 +102,7 @@ class CrossStitchUnit(nn.Module):
         if self.mode == "channel":
             w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (x.dim() - 3)))
         else:
-            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * (x.dim() - 1)))
+            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * (x.dim() - 2)))
         # out[i] = sum_j w[i, j] * x[j]: accumulate one source at a time so no (T, T, B, C, ...)
         # product tensor is ever materialised.
         out = w[:, 0].unsqueeze(1) * x[0]
