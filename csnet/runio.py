@@ -47,7 +47,12 @@ def default_out(command: str) -> Path:
     return path
 
 
-RUN_FILES = (CONFIG, METRICS, MODEL, LAST, "eval.csv", "plots")
+ALPHA = "alpha.csv"
+ALPHA_FINAL = "alpha_final.csv"
+ALPHA_FIELDS = ("epoch", "point", "target", "source", "mean", "std")
+SEEDS = "seeds.json"  # marks a folder of seed-N runs made by --seeds
+SUMMARY = "summary.csv"
+RUN_FILES = (CONFIG, METRICS, MODEL, LAST, ALPHA, ALPHA_FINAL, "eval.csv", "plots", SEEDS, SUMMARY)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -68,7 +73,7 @@ def ensure_new(path: Path, force: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
-        if not (path / CONFIG).exists():
+        if not is_run(path):
             raise UsageError(f"--out {path} already holds files; choose a new folder")
         if not force:
             raise UsageError(f"--out {path} already holds a run; choose a new folder, pass --force to replace it, "
@@ -78,8 +83,7 @@ def ensure_new(path: Path, force: bool = False) -> Path:
 
 def clear_run(path: Path) -> None:
     """Remove an earlier run's own files (only those) before --force writes a new run there."""
-    for name in RUN_FILES:
-        target = path / name
+    for target in [path / name for name in RUN_FILES] + sorted(path.glob("seed-*")):
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
@@ -104,10 +108,29 @@ def create_run(path: Path, force: bool = False) -> Path:
     return path
 
 
+def is_run(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file() or is_group(path)
+
+
+def is_group(path: Path) -> bool:
+    """A folder of runs made with --seeds: RUN/seed-0, RUN/seed-1, ... and RUN/seeds.json."""
+    return (Path(path) / SEEDS).is_file()
+
+
+def group_members(path: Path) -> dict[int, Path]:
+    """{seed: RUN/seed-N} of a --seeds folder."""
+    try:
+        seeds = json.loads((Path(path) / SEEDS).read_text())["seeds"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CsnetError(f"{Path(path) / SEEDS}: unreadable ({e})") from e
+    return {int(s): Path(path) / f"seed-{s}" for s in seeds}
+
+
 def require_run(path: Path) -> Path:
     path = Path(path)
     if not (path / CONFIG).is_file():
-        raise UsageError(f"{path} is not a csnet run folder (no {CONFIG})")
+        hint = f"; it holds seed runs: use {path}/seed-N" if is_group(path) else ""
+        raise UsageError(f"{path} is not a csnet run folder (no {CONFIG}){hint}")
     return path
 
 
@@ -180,28 +203,41 @@ def environment(device: torch.device) -> dict:
     }
 
 
-class MetricsWriter:
-    """Append rows to metrics.csv and flush each batch of rows, so a crash loses at most the current epoch."""
+class CsvAppender:
+    """Append rows to a CSV and flush each batch, so a crash loses at most the current epoch.
 
-    def __init__(self, path: Path, keep_before_epoch: int | None = None):
+    ``keep_before_epoch`` first drops rows of later epochs (first column): a resumed run
+    rewrites what came after its checkpoint.
+    """
+
+    def __init__(self, path: Path, fields: tuple[str, ...], keep_before_epoch: int | None = None):
         if keep_before_epoch is not None and path.exists():
             truncate_metrics(path, keep_before_epoch)
         new = not path.exists()
         self._file = open(path, "a", newline="")
         self._csv = csv.writer(self._file)
         if new:
-            self._csv.writerow(METRIC_FIELDS)
+            self._csv.writerow(fields)
             self._file.flush()
 
-    def write(self, epoch: int, split: str, values: dict[str, dict[str, float]]) -> None:
-        """``values`` is {task: {metric: value}}."""
-        for task, metrics in values.items():
-            for metric, value in metrics.items():
-                self._csv.writerow((epoch, split, task, metric, f"{value:.6g}"))
+    def rows(self, rows) -> None:
+        self._csv.writerows(rows)
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+class MetricsWriter(CsvAppender):
+    """metrics.csv: epoch, split, task, metric, value."""
+
+    def __init__(self, path: Path, keep_before_epoch: int | None = None):
+        super().__init__(path, METRIC_FIELDS, keep_before_epoch)
+
+    def write(self, epoch: int, split: str, values: dict[str, dict[str, float]]) -> None:
+        """``values`` is {task: {metric: value}}."""
+        self.rows((epoch, split, task, metric, f"{value:.6g}")
+                  for task, metrics in values.items() for metric, value in metrics.items())
 
 
 def truncate_metrics(path: Path, before_epoch: int) -> None:

@@ -86,6 +86,7 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     with deterministic_algorithms(train_cfg.deterministic):
         best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet), resume)
     plots.curves({run.name: read_metrics(run)}, run / "plots")
+    plots.alpha_plots(run)
     console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
                   highlight=False)
     return run

@@ -232,6 +232,31 @@ def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, spe
     )
 
 
+def alpha_rows(net: CrossStitchNet, epoch: int) -> list[tuple]:
+    """alpha.csv rows: per stitch point, target and source task, mean and std of the weights over channels
+    (what the paper's section 5.4 plots to show how much each task takes from the others)."""
+    rows = []
+    for point, unit in net.units.items():
+        w = unit.mixing_weights()
+        for i, target in enumerate(net.tasks):
+            for j, source in enumerate(net.tasks):
+                v = w[i, j].float()
+                rows.append((epoch, point, target, source, f"{v.mean().item():.6g}",
+                             f"{v.std(unbiased=False).item():.6g}"))
+    return rows
+
+
+def write_final_alpha(net: CrossStitchNet, path: Path) -> None:
+    """Every per-channel weight at the end of training: point, target, source, channel, value."""
+    lines = ["point,target,source,channel,value"]
+    for point, unit in net.units.items():
+        w = unit.mixing_weights().cpu()
+        for i, target in enumerate(net.tasks):
+            for j, source in enumerate(net.tasks):
+                lines += [f"{point},{target},{source},{c},{v:.6g}" for c, v in enumerate(w[i, j].tolist())]
+    runio.atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     """None for a constant learning rate; cosine annealing to 0 over ``cfg.epochs`` epochs."""
     if cfg.lr_schedule == "cosine":
@@ -276,7 +301,11 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             "rng": capture_rng(gen, shuffle_state),
         })
 
-    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=epoch if resume is not None else None)
+    keep = epoch if resume is not None else None
+    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep)
+    alphas = runio.CsvAppender(run / runio.ALPHA, runio.ALPHA_FIELDS, keep) if net.units else None
+    if alphas is not None and resume is None:
+        alphas.rows(alpha_rows(net, 0))  # the initialisation, so trajectories start where training did
     reporter.start(cfg.epochs - epoch + 1, math.ceil(len(data.train) / cfg.batch_size))
     resume_hint = f"resume with: csnet train --resume {run}"
     try:
@@ -300,6 +329,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 test = evaluate(net, data.test, mean=data.mean, std=data.std)
                 for split, values in (("train", train), ("val", val), ("test", test)):
                     writer.write(epoch, split, values)
+                if alphas is not None:
+                    alphas.rows(alpha_rows(net, epoch))
                 if sched is not None:
                     sched.step()
                 if val["mean"]["accuracy"] > best["val_accuracy"]:
@@ -313,7 +344,11 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 if stop.requested and epoch <= cfg.epochs:
                     raise Interrupted(f"by {stop.requested} after epoch {epoch - 1}; checkpoint saved in "
                                       f"{run / runio.LAST}; {resume_hint}")
+        if net.units:
+            write_final_alpha(net, run / runio.ALPHA_FINAL)
     finally:
         writer.close()
+        if alphas is not None:
+            alphas.close()
         reporter.close()
     return best

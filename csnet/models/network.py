@@ -6,6 +6,7 @@ reproduction: columns side by side, trained on the sum of the task losses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -175,6 +176,34 @@ class CrossStitchNet(nn.Module):
                 self.eval()(example)
             self.train(was_training)
         return self
+
+
+def count_macs(net: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds per example of one forward pass: convolutions, linear layers and units
+    (the rest, such as norms and pooling, is a few percent and left out)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, CrossStitchUnit):
+            per_task = output[0].numel()
+            total += module.n_tasks * per_task * (module.n_tasks * per_task if module.mode == "dense" else module.n_tasks)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, CrossStitchUnit))]
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(example[:1])
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
 
 
 def stitch(columns: dict[str, nn.Module], *, mode: str = "channel", alpha: float = 0.9, beta: float = 0.1,

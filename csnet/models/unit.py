@@ -122,5 +122,17 @@ class CrossStitchUnit(nn.Module):
         mixed = flat @ self.weight.t()
         return [part.reshape(shape) for part in mixed.split(features, dim=1)]
 
+    def mixing_weights(self) -> torch.Tensor:
+        """(T, T, K) weights: per channel (channel mode), one (layer mode), or per feature, the weight
+        from feature k of source j to feature k of target i (dense mode: its blocks' diagonals)."""
+        w = self.weight.detach()
+        if self.mode == "channel":
+            return w
+        if self.mode == "layer":
+            return w.unsqueeze(-1)
+        d = self.channels
+        return torch.stack([torch.stack([w[i * d:(i + 1) * d, j * d:(j + 1) * d].diagonal()
+                                         for j in range(self.n_tasks)]) for i in range(self.n_tasks)])
+
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}, channels={self.channels}, mode={self.mode}"
