@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from csnet import stages
+from csnet import runio, stages
 from csnet.data import DATASETS, DataConfig, dataset_spec
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import BACKBONES, ModelConfig
@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Off a terminal (make, CI, a log file) Rich would squeeze tables into 80 columns.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
 # ------------------------------------------------------------------ shared options
@@ -57,6 +57,8 @@ Momentum = Annotated[float, typer.Option(min=0.0, help="SGD momentum.")]
 StitchLrMult = Annotated[float, typer.Option(
     help="Learning-rate multiplier of the cross-stitch weights; the paper's best: 100-1000 with SGD.")]
 Seed = Annotated[int, typer.Option(help="Seed of weight init, dropout and batch order.")]
+Seeds = Annotated[Optional[str], typer.Option(
+    help="Several seeds, comma-separated (e.g. 0,1,2): one run each in OUT/seed-N, a summary in OUT/summary.csv.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")]
 Backbone = Annotated[Optional[str], typer.Option(
     help=f"Column architecture: {', '.join(BACKBONES)}, or module.path:function returning (nn.Module, "
@@ -104,6 +106,14 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if (src := ctx.get_parameter_source(n)) is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")]
 
 
+def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    if _given(ctx, ["seed"]):
+        raise UsageError("give --seed N or --seeds A,B,C, not both")
+    return list(_parse_list(seeds, "--seeds", int))
+
+
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed) -> DataConfig:
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
                       test_size=test_size, split_seed=split_seed)
@@ -137,6 +147,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 
 @app.command()
 def pretrain(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse, body).")],
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
@@ -145,10 +156,11 @@ def pretrain(
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
-    device: Device = _T.device, deterministic: Deterministic = False,
+    seeds: Seeds = None, device: Device = _T.device, deterministic: Deterministic = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
+    seed_list = _seed_list(ctx, seeds)
     spec = dataset_spec(dataset)
     if task not in spec.tasks:
         raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
@@ -158,7 +170,7 @@ def pretrain(
         task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
-        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights,
+        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
     )
 
 
@@ -196,8 +208,8 @@ def train(
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
-    lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, device: Device = _T.device,
-    deterministic: Deterministic = False, out: Out = None, name: Name = None, force: Force = False,
+    lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None,
+    device: Device = _T.device, deterministic: Deterministic = False, out: Out = None, name: Name = None, force: Force = False,
     quiet: Quiet = False,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
@@ -208,10 +220,13 @@ def train(
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --resume (the run keeps its settings; "
                              "only --epochs and --device may change)")
+        if runio.is_group(resume):
+            raise UsageError(f"{resume} holds several seeds; resume one of them: {resume}/seed-N")
         stages.resume(resume, console, quiet=quiet,
                       epochs=epochs if _given(ctx, ["epochs"]) else None,
                       device=device if _given(ctx, ["device"]) else None)
         return
+    seed_list = _seed_list(ctx, seeds)
     model_opts = dict(backbone=backbone, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
@@ -237,7 +252,7 @@ def train(
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
                     deterministic=deterministic),
-        _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights,
+        _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
     )
 
 
@@ -260,28 +275,28 @@ def eval_(
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Two or more trained run folders; the first is the reference.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv and the plots; default runs/compare-TIME.")] = None,
+    runs: Annotated[list[Path], typer.Argument(help="Two or more trained runs or --seeds folders; the first is the baseline.")],
+    reference: Annotated[Optional[list[Path]], typer.Option(
+        help="Single-task reference run(s) for Δm, e.g. --reference runs/pre-fine --reference runs/pre-coarse "
+             "[default: the first run].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv, REPORT.md and the plots; default runs/compare-TIME.")] = None,
 ):
-    """Compare runs: test accuracy per task and mean at each run's best validation epoch, plus plots."""
-    from csnet.compare import compare as compare_runs
+    """Compare runs: test accuracy at the best validation epoch, mean ± std and 95% CI over seeds,
+    paired differences with p-values, Δm, model size; writes compare.csv, REPORT.md and plots."""
+    from csnet.compare import compare as compare_runs, format_rows
 
     out = out or default_out("compare")
-    table, figures = compare_runs(runs, out)
-    acc_cols = [c for c in table.columns if c.startswith("test_")]
-    view = Table(title=f"test accuracy at the best validation epoch (difference from {table.run.iloc[0]}, points)")
-    view.add_column("run")
-    view.add_column("best epoch", justify="right")
-    for c in acc_cols:
-        view.add_column(c[5:], justify="right")
-    for _, row in table.iterrows():
-        cells = []
-        for c in acc_cols:
-            diff = row[f"diff_{c[5:]}_pp"]
-            cells.append("-" if row[c] != row[c] else f"{row[c]:.4f}" + ("" if _ == 0 else f" ({diff:+.2f})"))
-        view.add_row(row.run, str(row.best_epoch), *cells)
+    table, figures = compare_runs(runs, out, reference or None)
+    tasks = [c[5:] for c in table.columns if c.startswith("test_") and c.count("_") == 1 and c != "test_mean"]
+    header, cells = format_rows(table, tasks)
+    view = Table(title=f"test accuracy % at the best validation epoch (difference from {table.run.iloc[0]}, points)")
+    for i, h in enumerate(header):
+        view.add_column(h, justify="left" if i == 0 else "right")
+    for row in cells:
+        view.add_row(*row)
     console.print(view)
-    console.print(f"table: {out / 'compare.csv'}\nplots: {', '.join(str(f) for f in figures)}", highlight=False)
+    console.print(f"table: {out / 'compare.csv'}\nreport: {out / 'REPORT.md'}\n"
+                  f"plots: {', '.join(str(f) for f in figures)}", highlight=False)
 
 
 # ------------------------------------------------------------------ entry point

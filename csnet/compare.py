@@ -1,14 +1,24 @@
-"""Compare runs from their metrics.csv files: the test accuracy at each run's best validation epoch.
+"""Compare runs from their files alone: test accuracy at each run's best validation epoch, across seeds.
 
-Model selection on validation, reporting on test, is what keeps the comparison
-honest: picking the best test epoch would flatter every run.
+Model selection on validation, reporting on test, keeps the comparison honest:
+picking the best test epoch would flatter every run. A folder made with --seeds
+is one entry: mean, standard deviation and a 95% t-interval over its seeds, and
+against the first entry the paired difference over the seeds both have, with the
+p-value of a paired t-test (scipy.stats). Delta_m is the multi-task score of
+Maninis et al. (CVPR 2019) and Vandenhende et al. (TPAMI 2021): the mean over
+tasks of the relative change of each task's accuracy against a single-task
+reference, in percent.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from csnet import plots, runio
 from csnet.errors import CsnetError, UsageError
@@ -44,36 +54,189 @@ def summarize(df: pd.DataFrame) -> dict:
     }
 
 
+def members(entry: Path) -> dict[int, Path]:
+    """{seed: run folder}: the trained seeds of a --seeds folder, or the run itself."""
+    entry = Path(entry)
+    if runio.is_group(entry):
+        found = {s: p for s, p in runio.group_members(entry).items() if (p / runio.METRICS).is_file()}
+        if not found:
+            raise UsageError(f"{entry} has no trained seed runs yet")
+        return found
+    config = runio.read_config(entry)
+    return {int((config.get("train") or {}).get("seed", 0)): entry}
+
+
 def labels_for(runs: list[Path]) -> list[str]:
     """Folder names, or whole paths where two runs share a name."""
     names = [Path(r).name for r in runs]
     return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
 
 
-def compare(runs: list[Path], out: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """One row per run: test accuracy per task and mean at the best validation epoch, and its
-    difference from the first run in percentage points. Writes compare.csv and the plots to ``out``."""
+def entry_scores(entry: Path) -> tuple[pd.DataFrame, dict[int, pd.DataFrame], dict]:
+    """Per seed (rows) the test accuracy per task and mean (columns) at the best validation epoch,
+    the metrics of each seed, and the network's size from config.json."""
+    runs = members(entry)
+    metrics = {seed: read_metrics(path) for seed, path in runs.items()}
+    rows, info = {}, {"epochs": [], "best_epoch": []}
+    for seed, df in metrics.items():
+        s = summarize(df)
+        rows[seed] = s["test"]
+        info["epochs"].append(s["epochs"])
+        info["best_epoch"].append(s["best_epoch"])
+    first = runio.read_config(next(iter(runs.values())))
+    info["model_stats"] = first.get("model_stats") or {}
+    scores = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    tasks = [c for c in scores.columns if c != "mean"]
+    return scores[tasks + ["mean"]], metrics, info
+
+
+def interval(values: pd.Series) -> tuple[float, float, float, float]:
+    """mean, sample std, and the 95% t-interval of the mean (NaN with one value)."""
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return (math.nan,) * 4
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(v.std(ddof=1))
+    if std == 0:
+        return mean, 0.0, mean, mean
+    low, high = stats.t.interval(0.95, len(v) - 1, loc=mean, scale=std / math.sqrt(len(v)))
+    return mean, std, float(low), float(high)
+
+
+def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
+    """Mean difference a - b over the seeds both have, the paired t-test's p-value, and how many seeds.
+    Without common seeds: Welch's unpaired test on the two sets."""
+    common = a.dropna().index.intersection(b.dropna().index)
+    if len(common) >= 2:
+        d = a[common] - b[common]
+        p = math.nan if np.allclose(d, d.iloc[0]) and d.iloc[0] == 0 else float(stats.ttest_rel(a[common], b[common]).pvalue)
+        return float(d.mean()), p, len(common)
+    if len(common) == 1:
+        return float(a[common[0]] - b[common[0]]), math.nan, 1
+    if len(a.dropna()) >= 2 and len(b.dropna()) >= 2:
+        return float(a.mean() - b.mean()), float(stats.ttest_ind(a.dropna(), b.dropna(), equal_var=False).pvalue), 0
+    return float(a.mean() - b.mean()), math.nan, 0
+
+
+def delta_m(scores: dict[str, float], references: dict[str, float]) -> float:
+    """100 * mean over tasks of (M_t - M_ref,t) / M_ref,t; accuracy: higher is better, so no sign flip."""
+    tasks = [t for t in scores if t != "mean" and t in references and references[t] and not math.isnan(scores[t])]
+    if not tasks:
+        return math.nan
+    return 100.0 * sum((scores[t] - references[t]) / references[t] for t in tasks) / len(tasks)
+
+
+def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """One row per entry: test accuracy per task and mean (over seeds: mean, std, 95% CI), the paired
+    difference from the first entry in points with its p-value, Delta_m against the references, and the
+    network's size. Writes compare.csv, REPORT.md and the plots to ``out``."""
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
+    runio.ensure_new(out)
     labels = labels_for(runs)
-    metrics = {label: read_metrics(run) for label, run in zip(labels, runs)}
+    entries = {label: entry_scores(run) for label, run in zip(labels, runs)}
+    ref_paths = references or [runs[0]]
+    by_path = {Path(run).resolve(): entries[label][0] for label, run in zip(labels, runs)}
+    ref_scores: dict[str, float] = {}
+    for ref in ref_paths:  # the first reference that has a task sets its reference accuracy
+        ref_table = by_path.get(Path(ref).resolve())
+        if ref_table is None:
+            ref_table = entry_scores(ref)[0]
+        for task in ref_table.columns:
+            if task != "mean":
+                ref_scores.setdefault(task, float(ref_table[task].mean()))
+    base = entries[labels[0]][0]
+    tasks = list(dict.fromkeys(t for scores, _, _ in entries.values() for t in scores.columns if t != "mean"))
     rows = []
     for label, run in zip(labels, runs):
-        s = summarize(metrics[label])
-        row = {"run": label, "path": str(run), "epochs": s["epochs"], "best_epoch": s["best_epoch"],
-               "val_mean": s["val_mean"]}
-        row.update({f"test_{t}": v for t, v in s["test"].items() if t != "mean"})
-        row["test_mean"] = s["test"].get("mean")
+        scores, _, info = entries[label]
+        row = {"run": label, "path": str(run), "seeds": len(scores), "epochs": max(info["epochs"]),
+               "best_epoch": float(np.mean(info["best_epoch"])),
+               "parameters": info["model_stats"].get("parameters"), "macs": info["model_stats"].get("macs_per_example")}
+        for task in tasks + ["mean"]:
+            col = scores[task] if task in scores else pd.Series(dtype=float)
+            mean, std, low, high = interval(col)
+            row.update({f"test_{task}": mean, f"test_{task}_std": std, f"test_{task}_ci_low": low,
+                        f"test_{task}_ci_high": high})
+            if task in base and len(col):
+                diff, p, n = paired(col, base[task])
+                row.update({f"diff_{task}_pp": 100 * diff, f"diff_{task}_p": p, f"diff_{task}_paired": n})
+        row["delta_m"] = delta_m({t: row[f"test_{t}"] for t in tasks}, ref_scores)
         rows.append(row)
     table = pd.DataFrame(rows)
-    acc_cols = [c for c in table.columns if c.startswith("test_")]
-    # keep task columns in first-seen order, mean last
-    acc_cols = [c for c in acc_cols if c != "test_mean"] + ["test_mean"]
-    for col in acc_cols:
-        table[f"diff_{col[5:]}_pp"] = (table[col] - table[col].iloc[0]) * 100
-    table = table[["run", "path", "epochs", "best_epoch", "val_mean", *acc_cols,
-                   *[f"diff_{c[5:]}_pp" for c in acc_cols]]]
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
+    metrics = {f"{label}" + (f" (seed {s})" if len(entries[label][1]) > 1 else ""): df
+               for label in labels for s, df in entries[label][1].items()}
     figures = plots.curves(metrics, out)
+    finals = {}
+    for label, run in zip(labels, runs):
+        first = next(iter(members(run).values()))
+        if (first / runio.ALPHA_FINAL).is_file():
+            finals[label] = pd.concat(pd.read_csv(p / runio.ALPHA_FINAL) for p in members(run).values()
+                                      if (p / runio.ALPHA_FINAL).is_file())
+    if finals:
+        figures.append(plots.alpha_side_by_side(finals, out / "alpha.png"))
+    write_report(table, tasks, figures, out, [str(r) for r in ref_paths])
     return table, figures
+
+
+def _cell(row: pd.Series, task: str, first: bool) -> str:
+    mean = row.get(f"test_{task}")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    text = f"{100 * mean:.2f}"
+    std, low, high = row.get(f"test_{task}_std"), row.get(f"test_{task}_ci_low"), row.get(f"test_{task}_ci_high")
+    if std is not None and not math.isnan(std):
+        text += f" ± {100 * std:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+    diff = row.get(f"diff_{task}_pp")
+    if not first and diff is not None and not math.isnan(diff):
+        p = row.get(f"diff_{task}_p")
+        text += f" ({diff:+.2f}" + (f", p={p:.3g}" if p is not None and not math.isnan(p) else "") + ")"
+    return text
+
+
+def format_rows(table: pd.DataFrame, tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by the console table and REPORT.md."""
+    header = ["run", "seeds", "params", "MACs/example"] + tasks + ["mean", "Δm %"]
+    cells = []
+    for i, row in table.iterrows():
+        params = row.get("parameters")
+        macs = row.get("macs")
+        cells.append([row.run, str(row.seeds),
+                      f"{params / 1e6:.2f}M" if params is not None and not pd.isna(params) else "–",
+                      f"{macs / 1e6:.1f}M" if macs is not None and not pd.isna(macs) else "–",
+                      *[_cell(row, t, i == 0) for t in tasks + ["mean"]],
+                      "–" if pd.isna(row.delta_m) else f"{row.delta_m:+.2f}"])
+    return header, cells
+
+
+def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out: Path, refs: list[str]) -> None:
+    header, cells = format_rows(table, tasks)
+    lines = [
+        "# csnet comparison", "",
+        "Test accuracy (%) at each run's best validation epoch. With several seeds: mean ± std "
+        "[95% t-interval]; in brackets the difference from the first run in points and the p-value of a "
+        "paired t-test over the seeds both runs have (Welch's test where they share none). "
+        f"Δm: mean relative change per task against {', '.join(refs)}.", "",
+        "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        *["| " + " | ".join(c) + " |" for c in cells], "",
+    ]
+    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    runio.atomic_write(out / "REPORT.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def write_summary(group: Path) -> pd.DataFrame:
+    """OUT/summary.csv of a --seeds folder: per task and mean, the test accuracy at the best
+    validation epoch over seeds: n, mean, std, 95% t-interval."""
+    scores = entry_scores(group)[0]
+    rows = []
+    for task in scores.columns:
+        mean, std, low, high = interval(scores[task])
+        rows.append({"task": task, "seeds": int(scores[task].notna().sum()), "mean": mean, "std": std,
+                     "ci_low": low, "ci_high": high})
+    summary = pd.DataFrame(rows)
+    runio.atomic_write(Path(group) / runio.SUMMARY, lambda f: f.write(summary.to_csv(index=False, float_format="%.6g").encode()))
+    return summary

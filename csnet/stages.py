@@ -15,7 +15,7 @@ from csnet import plots, runio
 from csnet.compare import read_metrics
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
-from csnet.models.network import ModelConfig, build_network
+from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device
 
@@ -34,6 +34,8 @@ def _load_model(run: Path):
 
 
 def _run_data_config(run: Path) -> DataConfig:
+    if runio.is_group(run):
+        run = next(iter(runio.group_members(run).values()))
     config = runio.read_config(run)
     if not config.get("data"):
         raise UsageError(f"{run} does not record one data set (its columns came from different ones); pass --dataset")
@@ -63,13 +65,16 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
     data = data_lib.load(data_cfg, model_cfg.tasks)
     _check_geometry(model_cfg, data)
     run = runio.create_run(out, force)
+    n_units = sum(p.numel() for p in net.unit_parameters())
+    n_params = sum(p.numel() for p in net.parameters())
+    model_stats = {"parameters": n_params, "unit_parameters": n_units,
+                   "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
     _write_config(
         run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
         source=str(source) if source else None, data_stats=_data_stats(data),
         weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
+        model_stats=model_stats,
     )
-    n_units = sum(p.numel() for p in net.unit_parameters())
-    n_params = sum(p.numel() for p in net.parameters())
     console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
                   f"{model_cfg.backbone}, stitch {model_cfg.stitch}, {n_params:,} parameters "
@@ -92,16 +97,52 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     return run
 
 
+def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one) -> Path:
+    """Run ``one(seed, OUT/seed-N)`` for every seed; OUT/seeds.json marks the folder as one entry for
+    compare, OUT/summary.csv holds each task's test accuracy over the seeds (mean, std, 95% CI)."""
+    from csnet.compare import write_summary
+
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
+    runio.new_folder(out, force)
+    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    for seed in seeds:
+        console.print(f"[seed {seed}]", highlight=False)
+        one(seed, out / f"seed-{seed}")
+    summary = write_summary(out)
+    console.print(f"over {len(seeds)} seeds: " + "; ".join(
+        f"{r.task} {100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for _, r in summary.iterrows()) +
+        f"; summary in {out / runio.SUMMARY}", highlight=False)
+    return out
+
+
 def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
-             console: Console, quiet: bool = False, force: bool = False, weights: Path | None = None) -> Path:
+             console: Console, quiet: bool = False, force: bool = False, weights: Path | None = None,
+             seeds: list[int] | None = None) -> Path:
     """One single-task column: what the paper initialises each column of a cross-stitch net from."""
+    if seeds:
+        return over_seeds(seeds, out, force, console, lambda seed, folder: pretrain(
+            task, data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet, weights=weights))
     return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force, weights)
 
 
 def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out: Path,
           console: Console, quiet: bool = False, from_run: Path | None = None, force: bool = False,
-          weights: Path | None = None) -> Path:
-    """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``."""
+          weights: Path | None = None, seeds: list[int] | None = None) -> Path:
+    """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``.
+
+    ``from_run`` may be a --seeds folder: seed N then starts from its seed-N network.
+    """
+    sources = runio.group_members(from_run) if from_run is not None and runio.is_group(from_run) else None
+    if sources is not None:
+        seeds = seeds or list(sources)
+        missing = [s for s in seeds if s not in sources]
+        if missing:
+            raise UsageError(f"{from_run} has no seed {', '.join(map(str, missing))} (it has {', '.join(map(str, sources))})")
+    if seeds:
+        return over_seeds(seeds, out, force, console, lambda seed, folder: train(
+            data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet,
+            from_run=sources[seed] if sources else from_run, weights=weights))
     state = None
     if from_run is not None:
         model_cfg, state, _ = _load_model(from_run)
@@ -157,6 +198,16 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
         raise UsageError("stitch needs at least two pretrained runs")
+    groups = [runio.is_group(s) for s in sources]
+    if any(groups):
+        if not all(groups):
+            raise UsageError("stitch takes either single runs or --seeds folders, not a mix")
+        members = [runio.group_members(s) for s in sources]
+        common = [seed for seed in members[0] if all(seed in m for m in members[1:])]
+        if not common:
+            raise UsageError(f"the --seeds folders {', '.join(map(str, sources))} share no seed")
+        return over_seeds_stitch(common, members, out, force, stitch=stitch, alpha=alpha, beta=beta, tasks=tasks,
+                                 unit_mode=unit_mode, unit_init=unit_init)
     runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
@@ -189,6 +240,15 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     _write_config(run, "stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
                   model=model_cfg.to_dict(), sources=[str(s) for s in sources])
     return run
+
+
+def over_seeds_stitch(seeds, members, out, force, **kw) -> Path:
+    """Stitch seed N of every source into OUT/seed-N (no training, so no summary)."""
+    runio.new_folder(out, force)
+    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    for seed in seeds:
+        stitch([m[seed] for m in members], out=out / f"seed-{seed}", **kw)
+    return out
 
 
 def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | None = None,
