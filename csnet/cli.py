@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from csnet import runio, stages
-from csnet.data import DATASETS, DataConfig, dataset_spec
+from csnet.data import DATASETS, DataConfig, dataset_spec, model_input
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import BACKBONES, ModelConfig
 from csnet.runio import default_out, run_path
@@ -41,10 +41,15 @@ _state = {"debug": False}
 # Defaults come from the config dataclasses, so each setting is declared once.
 _D, _T = DataConfig(), TrainConfig()
 
-Dataset = Annotated[str, typer.Option(help=f"Data set: {', '.join(DATASETS)}.")]
+Dataset = Annotated[str, typer.Option(help=f"Data set: {', '.join(DATASETS)}, or csv:PATH (numeric features, label columns named by --tasks).")]
 DataRoot = Annotated[Optional[str], typer.Option(
     help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
-ValSize = Annotated[int, typer.Option(min=1, help="Training images held out (seeded) for validation and model selection.")]
+ValSize = Annotated[Optional[int], typer.Option(
+    min=1, help="Training images (or rows) held out, seeded, for validation and model selection "
+                "[default: 5000 images, a tenth of a table].")]
+Starve = Annotated[Optional[list[str]], typer.Option(
+    help="TASK=N: keep only N training labels of TASK (the paper's data-starved setting); repeatable.")]
+TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table (default: a seeded fifth of PATH).")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
 SplitSeed = Annotated[int, typer.Option(help="Seed of the validation hold-out and the --train-size subset.")]
@@ -114,9 +119,16 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
     return list(_parse_list(seeds, "--seeds", int))
 
 
-def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed) -> DataConfig:
+def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,
+                 test_csv=None) -> DataConfig:
+    counts = {}
+    for item in starve or []:
+        task, _, n = item.partition("=")
+        if not task or not n.isdigit():
+            raise UsageError(f"--starve takes TASK=N (N a whole number), got {item!r}")
+        counts[task] = int(n)
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
-                      test_size=test_size, split_seed=split_seed)
+                      test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv)
 
 
 def _parse_list(text: str, option: str, cast=str) -> tuple:
@@ -129,9 +141,13 @@ def _parse_list(text: str, option: str, cast=str) -> tuple:
     return items
 
 
-def _model_config(tasks, num_classes, *, stitch, **given) -> ModelConfig:
+def _model_config(spec, tasks, *, stitch, **given) -> ModelConfig:
     """ModelConfig from the options the user gave; unset ones keep the dataclass defaults."""
     kw = {k: v for k, v in given.items() if v is not None}
+    kw.update(model_input(spec, tasks))
+    if "in_features" in kw:
+        kw.setdefault("backbone", "mlp")
+    num_classes = [spec.tasks[t] for t in tasks]
     if "hidden" in kw:
         kw["hidden"] = _parse_list(kw["hidden"], "--hidden", int)
     return ModelConfig(tasks=tuple(tasks), num_classes=tuple(num_classes), stitch=stitch, **kw)
@@ -151,6 +167,7 @@ def pretrain(
     task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse, body).")],
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
+    starve: Starve = None, test_csv: TestCsv = None,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
@@ -164,10 +181,11 @@ def pretrain(
     spec = dataset_spec(dataset)
     if task not in spec.tasks:
         raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-    model_cfg = _model_config([task], [spec.tasks[task]], stitch="none", backbone=backbone,
+    model_cfg = _model_config(spec, [task], stitch="none", backbone=backbone,
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
-        task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed), model_cfg,
+        task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv),
+        model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
@@ -201,6 +219,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
+    starve: Starve = None, test_csv: TestCsv = None,
     backbone: Backbone = None, stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
     batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None, weights: Weights = None,
@@ -241,13 +260,14 @@ def train(
         dataset = dataset or _D.dataset
         spec = dataset_spec(dataset)
         task_list = _parse_list(tasks, "--tasks") if tasks else spec.default_tasks
+        if not task_list:
+            raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
         unknown = [t for t in task_list if t not in spec.tasks]
         if unknown:
             raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-        model_cfg = _model_config(task_list, [spec.tasks[t] for t in task_list],
-                                  stitch=model_opts.pop("stitch") or "all", **model_opts)
+        model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or "all", **model_opts)
     stages.train(
-        _data_config(dataset, data_root, val_size, train_size, test_size, split_seed), model_cfg,
+        _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,

@@ -46,58 +46,87 @@ BODY_CLASSES = ("upper body", "lower body", "whole body", "footwear", "bag")
 
 
 @dataclass(frozen=True)
+class Source:
+    """One set of four IDX files under DATA_ROOT/folder, and the tasks its labels answer.
+
+    ``labels`` maps a task to a lookup table from the file's label (None: the label itself);
+    tasks the source does not answer get no label (-1) on its images.
+    """
+
+    folder: str
+    how_to_get: str
+    labels: dict[str, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """What a named data set is: its folder under the data root and its tasks (name -> number of classes)."""
+    """A named data set: its sources, tasks (name -> number of classes) and input shape."""
 
     name: str
-    folder: str
+    sources: tuple[Source, ...]
     tasks: dict[str, int]
-    how_to_get: str
     default_tasks: tuple[str, ...]
+    input_shape: tuple[int, ...] = (1, 28, 28)
 
+
+FASHION = Source(
+    "fashion-mnist",
+    "install the Debian package (sudo apt-get install dataset-fashion-mnist), or on a machine with a network run "
+    "torchvision.datasets.FashionMNIST(ROOT, download=True) and copy ROOT/FashionMNIST/raw to DATA_ROOT/fashion-mnist",
+    {"fine": None, "coarse": COARSE_OF_FINE, "body": BODY_OF_FINE},
+)
+MNIST = Source(
+    "mnist",
+    "MNIST is not packaged here; on a machine with a network run torchvision.datasets.MNIST(ROOT, download=True) "
+    "and copy ROOT/MNIST/raw to DATA_ROOT/mnist (the same four file names, plain or .gz)",
+    {"mnist": None},
+)
 
 DATASETS = {
-    "fashion": DatasetSpec(
-        name="fashion",
-        folder="fashion-mnist",
-        tasks={"fine": 10, "coarse": 3, "body": 5},
-        how_to_get=(
-            "install the Debian package (sudo apt-get install dataset-fashion-mnist), "
-            "or on a machine with a network run "
-            "torchvision.datasets.FashionMNIST(ROOT, download=True) and copy ROOT/FashionMNIST/raw "
-            "to DATA_ROOT/fashion-mnist"
-        ),
-        default_tasks=("fine", "coarse"),
+    "fashion": DatasetSpec("fashion", (FASHION,), {"fine": 10, "coarse": 3, "body": 5}, ("fine", "coarse")),
+    "mnist": DatasetSpec("mnist", (MNIST,), {"mnist": 10}, ("mnist",)),
+    # The two-domain notebook: the shuffled union of both, each image labelled for its own domain only.
+    "mnist+fashion": DatasetSpec(
+        "mnist+fashion",
+        (MNIST, Source(FASHION.folder, FASHION.how_to_get, {"fashion": None})),
+        {"mnist": 10, "fashion": 10}, ("mnist", "fashion"),
     ),
 }
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data a run uses and how it is split; recorded in config.json so eval sees the same split."""
+    """Which data a run uses and how it is split; recorded in config.json so eval sees the same split.
+
+    ``starve``: task -> number of training labels kept (the paper's data-starved setting).
+    """
 
     dataset: str = "fashion"
     data_root: str | None = None
-    val_size: int = 5000
+    val_size: int | None = None  # default: 5,000 images, or a tenth of a CSV table
     train_size: int | None = None
     test_size: int | None = None
     split_seed: int = 0
+    starve: dict[str, int] | None = None
+    test_csv: str | None = None
+
+
+def model_input(spec: DatasetSpec, tasks) -> dict:
+    """ModelConfig settings for the data's input: image channels and size, or features per table row."""
+    if len(spec.input_shape) == 1:
+        return {"in_features": spec.input_shape[0] - len(tasks)}
+    channels, size, _ = spec.input_shape
+    return {"in_channels": channels, "image_size": size}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
+    if name.startswith("csv:"):
+        from csnet.tabular import csv_spec
+
+        return csv_spec(name)
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, csv:PATH")
     return DATASETS[name]
-
-
-def _fine_labels(fine: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "fine":
-        return fine.long()
-    if task == "coarse":
-        return COARSE_OF_FINE[fine.long()]
-    if task == "body":
-        return BODY_OF_FINE[fine.long()]
-    raise UsageError(f"unknown task {task!r} for fashion; valid: fine, coarse, body")
 
 
 # ---------------------------------------------------------------- IDX files
@@ -158,17 +187,20 @@ def _files_in(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def locate(spec: DatasetSpec, data_root: Path | None = None) -> dict[str, Path]:
-    """The four IDX files of a data set: under ``data_root`` if given, else the first default root that has all."""
+def locate(source: Source | DatasetSpec, data_root: Path | None = None) -> dict[str, Path]:
+    """The four IDX files of a source (or a one-source data set): under ``data_root`` if given,
+    else the first default root that has all four."""
+    if isinstance(source, DatasetSpec):
+        source = source.sources[0]
     roots = [Path(data_root)] if data_root is not None else default_roots()
     for root in roots:
-        files = _files_in(root / spec.folder)
+        files = _files_in(root / source.folder)
         if files is not None:
             return files
-    searched = ", ".join(str(r / spec.folder) for r in roots)
+    searched = ", ".join(str(r / source.folder) for r in roots)
     raise CsnetError(
-        f"{spec.name} data not found (searched {searched}; each needs {', '.join(IDX_FILES.values())}, "
-        f"plain or .gz): {spec.how_to_get}"
+        f"{source.folder} data not found (searched {searched}; each needs {', '.join(IDX_FILES.values())}, "
+        f"plain or .gz): {source.how_to_get}"
     )
 
 
@@ -196,8 +228,8 @@ class Data:
     train: Split
     val: Split
     test: Split
-    mean: float
-    std: float
+    mean: float | torch.Tensor  # a tensor of per-feature statistics for tables
+    std: float | torch.Tensor
     num_classes: dict[str, int]
     files: dict[str, Path]
 
@@ -219,6 +251,86 @@ def check_tasks(dataset: str, tasks) -> DatasetSpec:
     return spec
 
 
+def _read_source(source: Source, data_root: Path | None, tasks) -> tuple[dict, dict[str, Path]]:
+    """Images (N, 1, H, W) and per-task labels of a source's train and test files."""
+    files = locate(source, data_root)
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    parts = {}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.dim() != 3 or labels.dim() != 1:
+            raise CsnetError(f"{files[f'{part}_images']}: expected images (N, H, W) and labels (N,)")
+        if images.shape[0] != labels.shape[0]:
+            raise CsnetError(f"{files[f'{part}_labels']}: {labels.shape[0]} labels for {images.shape[0]} images")
+        if int(labels.max()) >= 10:
+            raise CsnetError(f"{files[f'{part}_labels']}: label {int(labels.max())} outside 0..9")
+        raw = labels.long()
+        task_labels = {}
+        for task in tasks:
+            if task not in source.labels:
+                task_labels[task] = torch.full_like(raw, MISSING_LABEL)
+            else:
+                table = source.labels[task]
+                task_labels[task] = raw if table is None else table[raw]
+        parts[part] = Split(images.unsqueeze(1).contiguous(), task_labels)
+    return parts, files
+
+
+def _concat(splits: list[Split]) -> Split:
+    if len(splits) == 1:
+        return splits[0]
+    shapes = {s.images.shape[1:] for s in splits}
+    if len(shapes) > 1:
+        raise CsnetError(f"the data set's sources have different image shapes: {sorted(shapes)}")
+    return Split(torch.cat([s.images for s in splits]), {t: torch.cat([s.labels[t] for s in splits])
+                                                         for t in splits[0].labels})
+
+
+def _subset(split: Split, idx: torch.Tensor | None) -> Split:
+    if idx is None:
+        return split
+    return Split(split.images[idx], {t: y[idx] for t, y in split.labels.items()})
+
+
+def starve(split: Split, counts: dict[str, int], seed: int) -> Split:
+    """Keep only ``counts[task]`` labels of each named task (seeded choice among the labelled samples);
+    the rest become unlabelled for that task: the paper's data-starved setting."""
+    labels = dict(split.labels)
+    for task, n in counts.items():
+        if task not in labels:
+            raise UsageError(f"--starve {task}={n}: no task {task} in this run (tasks: {', '.join(labels)})")
+        labelled = (labels[task] != MISSING_LABEL).nonzero().squeeze(1)
+        if not 0 <= n <= len(labelled):
+            raise UsageError(f"--starve {task}={n}: the training set has {len(labelled)} {task} labels")
+        order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))
+        drop = labelled[order[n:]]
+        y = labels[task].clone()
+        y[drop] = MISSING_LABEL
+        labels[task] = y
+    return Split(split.images, labels)
+
+
+def holdout(n: int, cfg: DataConfig, default_val: int, what: str = "images"):
+    """Seeded indices: validation hold-out, then the training subset of the rest."""
+    val_size = default_val if cfg.val_size is None else cfg.val_size
+    if not 0 < val_size < n:
+        raise UsageError(f"--val-size must be between 1 and {n - 1} (the training set has {n} {what})")
+    if cfg.train_size is not None and not 0 < cfg.train_size <= n - val_size:
+        raise UsageError(f"--train-size must be between 1 and {n - val_size} "
+                         f"({n} training {what} minus {val_size} held out for validation)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    val_idx, rest = order[:val_size], order[val_size:]
+    return val_idx, rest[:cfg.train_size] if cfg.train_size is not None else rest
+
+
+def test_subset(n: int, cfg: DataConfig) -> torch.Tensor | None:
+    if cfg.test_size is None:
+        return None
+    if not 0 < cfg.test_size <= n:
+        raise UsageError(f"--test-size must be between 1 and {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.test_size]
+
+
 def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     """Load a data set, hold out a seeded validation set, and optionally keep a seeded training subset.
 
@@ -226,51 +338,28 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     training seeds are compared on the same images.
     """
     spec = check_tasks(cfg.dataset, tasks)
-    val_size, train_size = cfg.val_size, cfg.train_size
-    files = locate(spec, Path(cfg.data_root) if cfg.data_root else None)
-    arrays = {key: read_idx(path) for key, path in files.items()}
-    for part in ("train", "test"):
-        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
-        if images.dim() != 3 or labels.dim() != 1:
-            raise CsnetError(f"{files[f'{part}_images']}: expected images (N, H, W) and labels (N,)")
-        if images.shape[0] != labels.shape[0]:
-            raise CsnetError(
-                f"{files[f'{part}_labels']}: {labels.shape[0]} labels for {images.shape[0]} images"
-            )
-        if int(labels.max()) >= 10:
-            raise CsnetError(f"{files[f'{part}_labels']}: label {int(labels.max())} outside 0..9")
+    if cfg.dataset.startswith("csv:"):
+        from csnet.tabular import load_csv
 
-    n_train = arrays["train_images"].shape[0]
-    if not 0 < val_size < n_train:
-        raise UsageError(f"--val-size must be between 1 and {n_train - 1} (the training set has {n_train} images)")
-    if train_size is not None and not 0 < train_size <= n_train - val_size:
-        raise UsageError(
-            f"--train-size must be between 1 and {n_train - val_size} "
-            f"({n_train} training images minus {val_size} held out for validation)"
-        )
-
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.split_seed))
-    val_idx, rest = order[:val_size], order[val_size:]
-    train_idx = rest[:train_size] if train_size is not None else rest
-
-    n_test = arrays["test_images"].shape[0]
-    test_idx = None
-    if cfg.test_size is not None:
-        if not 0 < cfg.test_size <= n_test:
-            raise UsageError(f"--test-size must be between 1 and {n_test}")
-        test_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.test_size]
-
-    def make(images: torch.Tensor, fine: torch.Tensor, idx: torch.Tensor | None) -> Split:
-        if idx is not None:
-            images, fine = images[idx], fine[idx]
-        return Split(images.unsqueeze(1).contiguous(), {t: _fine_labels(fine, t) for t in tasks})
-
-    train = make(arrays["train_images"], arrays["train_labels"], train_idx)
+        return load_csv(cfg, spec, tasks)
+    root = Path(cfg.data_root) if cfg.data_root else None
+    parts, files = [], {}
+    for source in spec.sources:
+        part, source_files = _read_source(source, root, tasks)
+        parts.append(part)
+        prefix = "" if len(spec.sources) == 1 else f"{source.folder}/"
+        files.update({prefix + k: v for k, v in source_files.items()})
+    full_train = _concat([p["train"] for p in parts])
+    full_test = _concat([p["test"] for p in parts])
+    val_idx, train_idx = holdout(len(full_train), cfg, 5000)
+    train = _subset(full_train, train_idx)
+    if cfg.starve:
+        train = starve(train, cfg.starve, cfg.split_seed)
     pixels = train.images.float()
     return Data(
         train=train,
-        val=make(arrays["train_images"], arrays["train_labels"], val_idx),
-        test=make(arrays["test_images"], arrays["test_labels"], test_idx),
+        val=_subset(full_train, val_idx),
+        test=_subset(full_test, test_subset(len(full_test), cfg)),
         mean=float(pixels.mean()),
         std=float(pixels.std()),
         num_classes={t: spec.tasks[t] for t in tasks},
@@ -278,7 +367,7 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     )
 
 
-def batches(split: Split, batch_size: int, *, mean: float, std: float, generator: torch.Generator | None = None,
+def batches(split: Split, batch_size: int, *, mean, std, generator: torch.Generator | None = None,
             start: int = 0):
     """Yield (z-scored float images, {task: labels}) batches; shuffled when a generator is given.
 

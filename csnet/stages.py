@@ -43,6 +43,11 @@ def _run_data_config(run: Path) -> DataConfig:
 
 
 def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
+    if data.train.images.dim() == 2:
+        if data.train.images.shape[1] != model_cfg.in_features:
+            raise UsageError(f"the network expects {model_cfg.in_features} features per row, "
+                             f"the table has {data.train.images.shape[1]}")
+        return
     _, channels, size, _ = data.train.images.shape
     if (channels, size) != (model_cfg.in_channels, model_cfg.image_size):
         raise UsageError(
@@ -83,8 +88,9 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
 
 
 def _data_stats(data: data_lib.Data) -> dict:
-    return {"train": len(data.train), "val": len(data.val), "test": len(data.test), "mean": data.mean,
-            "std": data.std, "files": {k: {"path": str(v), "sha256": runio.sha256(v)} for k, v in data.files.items()}}
+    as_json = lambda v: v.tolist() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {"train": len(data.train), "val": len(data.val), "test": len(data.test), "mean": as_json(data.mean),
+            "std": as_json(data.std), "files": {k: {"path": str(v), "sha256": runio.sha256(v)} for k, v in data.files.items()}}
 
 
 def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -> Path:

@@ -152,7 +152,7 @@ def test_missing_data_folder(cli, tmp_path):
 
 def test_incomplete_data_folder(cli, data_root):
     (data_root / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").unlink()
-    _one_line_error(cli("train", "--data-root", data_root), 1, "fashion data not found")
+    _one_line_error(cli("train", "--data-root", data_root), 1, "fashion-mnist data not found")
 
 
 def test_truncated_idx_file(cli, data_root):

@@ -46,6 +46,7 @@ class ModelConfig:
     beta: float = 0.1
     in_channels: int = 1
     image_size: int = 28
+    in_features: int | None = None  # tables: features per row (mlp only); images use channels x size^2
     batch_norm: bool = True
     dropout: float = 0.2
     hidden: tuple[int, ...] = (60, 20)
@@ -61,6 +62,8 @@ class ModelConfig:
             raise UsageError(f"unknown --unit-mode {self.unit_mode!r}; valid: {', '.join(MODES)}")
         if self.unit_init not in INITS:
             raise UsageError(f"unknown --unit-init {self.unit_init!r}; valid: {', '.join(INITS)}")
+        if self.in_features and self.backbone != "mlp" and ":" not in self.backbone:
+            raise UsageError(f"tables of features need --backbone mlp (or your own), not {self.backbone}")
         if self.stitch == "after-pool" and self.backbone == "mlp":
             raise UsageError("--stitch after-pool does not apply to mlp (no pooling layers); valid: none, after-fc, "
                              "all, or hidden layer names")
@@ -81,7 +84,7 @@ class ModelConfig:
 
     def column_arch(self) -> dict:
         """The settings that must agree for two columns to be stitched together."""
-        keys = ("backbone", "in_channels", "image_size", "batch_norm", "dropout")
+        keys = ("backbone", "in_channels", "image_size", "in_features", "batch_norm", "dropout")
         arch = {k: getattr(self, k) for k in keys}
         if self.backbone == "mlp":
             arch["hidden"] = self.hidden
@@ -109,7 +112,7 @@ def build_column(cfg: ModelConfig, num_classes: int, weights: Path | None = None
         column = columns_lib.convnet(num_classes, in_channels=cfg.in_channels, image_size=cfg.image_size,
                                      batch_norm=cfg.batch_norm, dropout=cfg.dropout)
     elif cfg.backbone == "mlp":
-        column = columns_lib.mlp(num_classes, in_features=cfg.in_channels * cfg.image_size ** 2,
+        column = columns_lib.mlp(num_classes, in_features=cfg.in_features or cfg.in_channels * cfg.image_size ** 2,
                                  hidden=cfg.hidden, dropout=cfg.dropout)
     elif cfg.backbone in TORCHVISION:
         return torchvision_column(cfg.backbone, num_classes, cfg.in_channels, cfg.image_size, weights)
@@ -229,4 +232,5 @@ def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchN
     columns = {task: build_column(cfg, n, weights) for task, n in zip(cfg.tasks, cfg.num_classes)}
     net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
                          cfg.unit_init)
-    return net.materialize(torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size))
+    shape = (cfg.in_features,) if cfg.in_features else (cfg.in_channels, cfg.image_size, cfg.image_size)
+    return net.materialize(torch.zeros(2, *shape))
