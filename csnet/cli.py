@@ -7,6 +7,7 @@ usage errors); ``csnet --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -82,6 +83,10 @@ UnitInit = Annotated[Optional[str], typer.Option(
 Weights = Annotated[Optional[Path], typer.Option(
     help="Local pretrained weights (a torchvision state dict) for every column of a torchvision backbone; "
          "loaded with weights_only=True; tensors of another shape (the head) are skipped.")]
+Arch = Annotated[Optional[str], typer.Option(
+    help="cross-stitch (one column per task, units) or shared: hard parameter sharing, the paper's 'split' "
+         "baseline, one trunk up to --share-until then a branch per task. [default: cross-stitch]")]
+ShareUntil = Annotated[Optional[str], typer.Option(help="With --arch shared: the last shared stage (convnet: pool1, pool2, fc).")]
 FreezeColumns = Annotated[bool, typer.Option("--freeze-columns", help="Train only the units (the two-domain procedure).")]
 TrainHeads = Annotated[bool, typer.Option("--train-heads", help="With --freeze-columns, train the output heads too.")]
 Alpha = Annotated[Optional[float], typer.Option(help="Initial same-task unit weight [default: 0.9].")]
@@ -95,6 +100,9 @@ Force = Annotated[bool, typer.Option("--force", help="Replace the run already in
 LrSchedule = Annotated[str, typer.Option(help="constant, or cosine (annealed to 0 over --epochs).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorch's deterministic algorithms (CUDA: slower).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
+Config = Annotated[Optional[Path], typer.Option(
+    help="A TOML file whose keys are this command's options (train-size = 6000, tasks = [\"fine\", \"coarse\"]); "
+         "options on the command line win; an unknown key is an error.")]
 
 
 def _out(out: Path | None, name: str | None, command: str) -> Path:
@@ -174,7 +182,7 @@ def pretrain(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
     seeds: Seeds = None, device: Device = _T.device, deterministic: Deterministic = False,
-    out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False,
+    out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
     seed_list = _seed_list(ctx, seeds)
@@ -220,7 +228,8 @@ def train(
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None,
-    backbone: Backbone = None, stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
+    backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None,
+    stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
     batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None, weights: Weights = None,
     freeze_columns: FreezeColumns = False, train_heads: TrainHeads = False,
@@ -228,13 +237,13 @@ def train(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None,
-    device: Device = _T.device, deterministic: Deterministic = False, out: Out = None, name: Name = None, force: Force = False,
-    quiet: Quiet = False,
+    device: Device = _T.device, deterministic: Deterministic = False, out: Out = None, name: Name = None,
+    force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
     or --resume an interrupted one."""
     if resume is not None:
-        allowed = {"resume", "epochs", "device", "quiet", "ctx"}
+        allowed = {"resume", "epochs", "device", "quiet", "ctx", "config"}
         given = _given(ctx, [n for n in ctx.params if n not in allowed])
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --resume (the run keeps its settings; "
@@ -246,7 +255,7 @@ def train(
                       device=device if _given(ctx, ["device"]) else None)
         return
     seed_list = _seed_list(ctx, seeds)
-    model_opts = dict(backbone=backbone, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
+    model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
     if from_run is not None:
@@ -265,7 +274,8 @@ def train(
         unknown = [t for t in task_list if t not in spec.tasks]
         if unknown:
             raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-        model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or "all", **model_opts)
+        default_stitch = "none" if arch == "shared" else "all"
+        model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or default_stitch, **model_opts)
     stages.train(
         _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
@@ -322,13 +332,48 @@ def compare(
 # ------------------------------------------------------------------ entry point
 
 
+def _config_defaults(command, argv: list[str]) -> dict | None:
+    """``--config FILE.toml``: its keys become the command's defaults (the command line still wins).
+    Keys are the option names (``train-size`` or ``train_size``); an unknown key is an error."""
+    if "--config" not in argv:
+        return None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UsageError("--config needs a FILE.toml")
+    path = Path(argv[i + 1])
+    sub = next((a for a in argv[:i] if a in command.commands), None)
+    if sub is None:
+        raise UsageError("--config goes after the command, e.g. csnet train --config FILE.toml")
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror or e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML ({e})") from e
+    params = {p.name: p for p in command.commands[sub].params}
+    defaults = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = {"from": "from_run"}.get(name, name)
+        if name not in params or name in ("config", "ctx"):
+            valid = ", ".join(sorted({"from_run": "from"}.get(n, n).replace("_", "-")
+                                     for n in params if n not in ("config", "ctx")))
+            raise UsageError(f"--config {path}: unknown key {key!r} for csnet {sub}; valid: {valid}")
+        if isinstance(value, list) and not getattr(params[name], "multiple", False):
+            value = ",".join(map(str, value))  # tasks = ["fine", "coarse"] -> "fine,coarse"
+        defaults[name] = value
+    return {sub: defaults}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. User errors become one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in argv[:1]
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False)
+        default_map = _config_defaults(command, argv)
+        code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False,
+                            **({"default_map": default_map} if default_map else {}))
         return code if isinstance(code, int) else 0
     except (CsnetError, _ParseError) as e:
         if _state["debug"]:

@@ -82,7 +82,9 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
     )
     console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
-                  f"{model_cfg.backbone}, stitch {model_cfg.stitch}, {n_params:,} parameters "
+                  f"{model_cfg.backbone}, "
+                  + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else f"stitch {model_cfg.stitch}")
+                  + f", {n_params:,} parameters "
                   f"({n_units:,} in units), device {device}", highlight=False)
     return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, None)
 

@@ -105,6 +105,8 @@ def freeze(net: CrossStitchNet, cfg: TrainConfig) -> None:
     """With ``freeze_columns``, columns keep their weights (heads too, unless ``train_heads``)."""
     if not cfg.freeze_columns:
         return
+    if not hasattr(net, "columns"):
+        raise UsageError("--freeze-columns applies to cross-stitch networks, not --arch shared")
     for column in net.columns.values():
         for p in column.stages.parameters():
             p.requires_grad_(False)

@@ -20,6 +20,7 @@ from csnet.models.columns import Column
 from csnet.models.unit import INITS, MODES, CrossStitchUnit
 
 BACKBONES = ("convnet", "mlp", *TORCHVISION)
+ARCHS = ("cross-stitch", "shared")
 # Named placements of the Fashion convnet. The paper places units after pooling and
 # fully connected layers; the reproduction uses pool1, pool2 and fc ("all").
 ALIASES = {
@@ -39,6 +40,8 @@ class ModelConfig:
     tasks: tuple[str, ...]
     num_classes: tuple[int, ...]
     backbone: str = "convnet"
+    arch: str = "cross-stitch"  # or "shared": hard parameter sharing up to share_until, then a branch per task
+    share_until: str | None = None
     stitch: str = "all"
     unit_mode: str = "channel"
     unit_init: str = "alpha-beta"
@@ -58,6 +61,12 @@ class ModelConfig:
         if self.backbone not in BACKBONES and ":" not in self.backbone:
             raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
                              "or module.path:function for your own")
+        if self.arch not in ARCHS:
+            raise UsageError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.arch == "shared" and not self.share_until:
+            raise UsageError("--arch shared needs --share-until STAGE (e.g. pool2 for the convnet)")
+        if self.arch == "shared" and self.stitch != "none":
+            raise UsageError("--arch shared has no cross-stitch units; leave --stitch out")
         if self.unit_mode not in MODES:
             raise UsageError(f"unknown --unit-mode {self.unit_mode!r}; valid: {', '.join(MODES)}")
         if self.unit_init not in INITS:
@@ -228,8 +237,49 @@ def stitch(columns: dict[str, nn.Module], *, mode: str = "channel", alpha: float
     return CrossStitchNet(cols, chosen, alpha, beta, mode, init)
 
 
-def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet:
+class SharedNet(nn.Module):
+    """Hard parameter sharing, the paper's "split" baselines (section 4): the first column's stages
+    up to and including ``share_until`` form one trunk all tasks use; each task keeps its own
+    later stages and head. ``forward(x)`` returns ``{task: logits}`` like the cross-stitch network."""
+
+    def __init__(self, columns: dict[str, Column], share_until: str):
+        super().__init__()
+        first = next(iter(columns.values()))
+        names = list(first.stages)
+        if share_until not in names:
+            raise UsageError(f"unknown --share-until {share_until!r}; valid: {', '.join(names)}")
+        k = names.index(share_until) + 1
+        self.trunk = nn.ModuleDict({n: first.stages[n] for n in names[:k]})
+        self.branches = nn.ModuleDict({t: nn.ModuleDict({n: c.stages[n] for n in names[k:]}) for t, c in columns.items()})
+        self.heads = nn.ModuleDict({t: c.head for t, c in columns.items()})
+        self.units = nn.ModuleDict()  # none: nothing to mix
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for stage in self.trunk.values():
+            x = stage(x)
+        out = {}
+        for task, branch in self.branches.items():
+            h = x
+            for stage in branch.values():
+                h = stage(h)
+            out[task] = h
+        return out
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {task: self.heads[task](h) for task, h in self.features(x).items()}
+
+    def unit_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet | SharedNet:
     columns = {task: build_column(cfg, n, weights) for task, n in zip(cfg.tasks, cfg.num_classes)}
+    if cfg.arch == "shared":
+        return SharedNet(columns, cfg.share_until)
     net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
                          cfg.unit_init)
     shape = (cfg.in_features,) if cfg.in_features else (cfg.in_channels, cfg.image_size, cfg.image_size)
