@@ -12,12 +12,15 @@ NOW    := $(shell date +%Y%m%d-%H%M%S)
 DEMO_DIR   ?= runs/demo-$(NOW)
 DEMO_FLAGS ?= --train-size 6000 --epochs 1 --seed 0
 
-# reproduce-fashion: the seed-003 Fashion-MNIST experiment in CONTEXT.md: independent columns
-# vs units after pool1, pool2 and fc (identity init); Adam 1e-3, 30 epochs, batch 128, L2 1e-5.
-REPRO_DIR   ?= runs/reproduce-fashion-$(NOW)
-REPRO_FLAGS ?= --epochs 30 --batch-size 128 --optimizer adam --lr 1e-3 --weight-decay 1e-5 --seed 0
+# Reproductions and ablations: flags in configs/*.toml, three seeds each, compare + REPORT.md at the end.
+# Every target has a -quick variant (small training set, 2 epochs) for trying it in minutes.
+QUICK := --train-size 2000 --val-size 1000 --test-size 2000 --epochs 2
+EXPERIMENTS := reproduce-fashion reproduce-two-domains ablation-init ablation-lr ablation-pretrain data-starved
+$(addsuffix -quick,$(EXPERIMENTS)): SCALE = $(QUICK)
+$(addsuffix -quick,$(EXPERIMENTS)): TAG = -quick
+RUN = runs/$@$(TAG)-$(NOW)
 
-.PHONY: install data demo test test-all reproduce-fashion clean-venv
+.PHONY: install data demo test test-all clean-venv $(EXPERIMENTS) $(addsuffix -quick,$(EXPERIMENTS))
 
 install: $(STAMP) data
 
@@ -58,10 +61,57 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
+$(foreach e,$(EXPERIMENTS),$(eval $(e)-quick: $(e)))
+
+# Experiment 1 of CONTEXT.md: independent columns vs units after pool1, pool2 and fc (identity init).
 reproduce-fashion: install
-	$(CSNET) train --stitch none $(REPRO_FLAGS) --out $(REPRO_DIR)/baseline
-	$(CSNET) train --stitch all --alpha 1 --beta 0 $(REPRO_FLAGS) --out $(REPRO_DIR)/cross-stitch
-	$(CSNET) compare $(REPRO_DIR)/baseline $(REPRO_DIR)/cross-stitch --out $(REPRO_DIR)/compare
+	$(CSNET) train --config configs/fashion.toml --stitch none $(SCALE) --quiet --out $(RUN)/baseline
+	$(CSNET) train --config configs/fashion.toml --stitch all --unit-init identity $(SCALE) --quiet --out $(RUN)/cross-stitch
+	$(CSNET) compare $(RUN)/baseline $(RUN)/cross-stitch --out $(RUN)/compare
+
+# Experiment 2: MLP columns pretrained per domain, stitched, then only the units trained on 2,000
+# images of the shuffled MNIST + Fashion-MNIST union. Needs MNIST in DATA_ROOT/mnist (see README).
+reproduce-two-domains: install
+	$(CSNET) pretrain --config configs/two-domains.toml --dataset mnist+fashion --task mnist $(SCALE) --quiet --out $(RUN)/mnist
+	$(CSNET) pretrain --config configs/two-domains.toml --dataset mnist+fashion --task fashion $(SCALE) --quiet --out $(RUN)/fashion
+	$(CSNET) stitch $(RUN)/mnist $(RUN)/fashion --stitch all --out $(RUN)/stitched
+	$(CSNET) train --from $(RUN)/stitched --freeze-columns --stitch-lr-mult 100 --epochs 10 $(SCALE) --train-size 2000 --quiet --out $(RUN)/cross-stitch
+	$(CSNET) compare $(RUN)/mnist $(RUN)/fashion $(RUN)/cross-stitch --reference $(RUN)/mnist --reference $(RUN)/fashion --out $(RUN)/compare
+
+# The paper's unit-initialisation ablation: (alpha_S, alpha_D) and the identity / ones conventions.
+ablation-init: install
+	$(CSNET) train --config configs/ablation.toml --stitch none $(SCALE) --quiet --out $(RUN)/independent
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --alpha 0.1 --beta 0.9 $(SCALE) --quiet --out $(RUN)/a0.1-b0.9
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --alpha 0.5 --beta 0.5 $(SCALE) --quiet --out $(RUN)/a0.5-b0.5
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --alpha 0.7 --beta 0.3 $(SCALE) --quiet --out $(RUN)/a0.7-b0.3
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --alpha 0.9 --beta 0.1 $(SCALE) --quiet --out $(RUN)/a0.9-b0.1
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --unit-init identity $(SCALE) --quiet --out $(RUN)/identity
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 --unit-init ones $(SCALE) --quiet --out $(RUN)/ones
+	$(CSNET) compare $(RUN)/independent $(RUN)/a0.1-b0.9 $(RUN)/a0.5-b0.5 $(RUN)/a0.7-b0.3 $(RUN)/a0.9-b0.1 $(RUN)/identity $(RUN)/ones --out $(RUN)/compare
+
+# The paper's learning-rate ablation: the units' learning rate scaled by 1, 10, 100, 1000.
+ablation-lr: install
+	$(CSNET) train --config configs/ablation.toml --stitch none $(SCALE) --quiet --out $(RUN)/independent
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 1 $(SCALE) --quiet --out $(RUN)/mult-1
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 10 $(SCALE) --quiet --out $(RUN)/mult-10
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 $(SCALE) --quiet --out $(RUN)/mult-100
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 1000 $(SCALE) --quiet --out $(RUN)/mult-1000
+	$(CSNET) compare $(RUN)/independent $(RUN)/mult-1 $(RUN)/mult-10 $(RUN)/mult-100 $(RUN)/mult-1000 --out $(RUN)/compare
+
+# Columns from single-task pretraining ("pretrain, then stitch", the paper's preference) vs from scratch.
+ablation-pretrain: install
+	$(CSNET) pretrain --config configs/ablation.toml --task fine $(SCALE) --quiet --out $(RUN)/pretrain-fine
+	$(CSNET) pretrain --config configs/ablation.toml --task coarse $(SCALE) --quiet --out $(RUN)/pretrain-coarse
+	$(CSNET) stitch $(RUN)/pretrain-fine $(RUN)/pretrain-coarse --stitch all --out $(RUN)/stitched
+	$(CSNET) train --config configs/ablation.toml --stitch-lr-mult 100 $(SCALE) --quiet --out $(RUN)/from-scratch
+	$(CSNET) train --config configs/ablation.toml --from $(RUN)/stitched --stitch-lr-mult 100 $(SCALE) --quiet --out $(RUN)/from-pretrained
+	$(CSNET) compare $(RUN)/from-scratch $(RUN)/from-pretrained --reference $(RUN)/pretrain-fine --reference $(RUN)/pretrain-coarse --out $(RUN)/compare
+
+# Data-starved: fine keeps 1,000 training labels, coarse all of them; independent vs cross-stitch.
+data-starved: install
+	$(CSNET) train --config configs/data-starved.toml --stitch none --starve fine=1000 $(SCALE) --quiet --out $(RUN)/independent
+	$(CSNET) train --config configs/data-starved.toml --stitch all --starve fine=1000 $(SCALE) --quiet --out $(RUN)/cross-stitch
+	$(CSNET) compare $(RUN)/independent $(RUN)/cross-stitch --out $(RUN)/compare
 
 clean-venv:
 	rm -rf $(VENV)
