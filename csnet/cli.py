@@ -7,6 +7,7 @@ usage errors); ``csnet --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import warnings
 import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
@@ -123,6 +124,8 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
     if seeds is None:
         return None
     if _given(ctx, ["seed"]):
+        if not _given(ctx, ["seeds"]):
+            return None  # --seed on the command line wins over seeds from a --config file
         raise UsageError("give --seed N or --seeds A,B,C, not both")
     return list(_parse_list(seeds, "--seeds", int))
 
@@ -365,9 +368,14 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     return {sub: defaults}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. User errors become one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning
     _state["debug"] = "--debug" in argv[:1]
     command = typer.main.get_command(app)
     try:
