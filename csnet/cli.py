@@ -267,7 +267,7 @@ def train(
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
         if dataset is None:
-            dataset = stages._run_data_config(from_run).dataset
+            dataset = stages.run_data_config(from_run).dataset
     else:
         dataset = dataset or _D.dataset
         spec = dataset_spec(dataset)

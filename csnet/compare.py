@@ -12,7 +12,6 @@ reference, in percent.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

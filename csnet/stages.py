@@ -17,6 +17,7 @@ from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
+from csnet.settings import from_dict
 from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device
 
 
@@ -33,13 +34,13 @@ def _load_model(run: Path):
         raise CsnetError(f"{run / runio.MODEL}: checkpoint has no usable model config ({e})") from e
 
 
-def _run_data_config(run: Path) -> DataConfig:
+def run_data_config(run: Path) -> DataConfig:
     if runio.is_group(run):
         run = next(iter(runio.group_members(run).values()))
     config = runio.read_config(run)
     if not config.get("data"):
         raise UsageError(f"{run} does not record one data set (its columns came from different ones); pass --dataset")
-    return DataConfig(**config["data"])
+    return from_dict(DataConfig, config["data"], "data")
 
 
 def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
@@ -186,7 +187,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     dev, note = resolve_device(train_cfg.device)
     if note:
         console.print(note, highlight=False)
-    data = data_lib.load(DataConfig(**config["data"]), model_cfg.tasks)
+    data = data_lib.load(from_dict(DataConfig, config["data"], "data"), model_cfg.tasks)
     _check_geometry(model_cfg, data)
     net = build_network(model_cfg)
     net.load_state_dict(last["model"])
@@ -265,7 +266,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
     model_cfg, state, norm = _load_model(run)
-    data_cfg = _run_data_config(run)
+    data_cfg = run_data_config(run)
     if data_root:
         data_cfg = replace(data_cfg, data_root=data_root)
     device, note = resolve_device(device_name)

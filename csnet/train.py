@@ -11,7 +11,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from csnet.data import MISSING_LABEL, Data, Split, batches
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
+from csnet.settings import from_dict
 from csnet.state import StopRequest, capture_rng, restore_rng
 
 OPTIMIZERS = ("adam", "sgd")
@@ -68,10 +69,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, "training")
 
 
 @contextmanager

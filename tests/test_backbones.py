@@ -301,7 +301,7 @@ def test_freeze_columns_trains_only_the_units(cli, data_root, tmp_path):
     _trained(cli, data_root, tmp_path / "base", "--backbone", "mlp", "--stitch", "none", "--tasks", "fine")
     _trained(cli, data_root, tmp_path / "base2", "--backbone", "mlp", "--stitch", "none", "--tasks", "coarse")
     assert cli("stitch", tmp_path / "base", tmp_path / "base2", "--out", tmp_path / "st")[0] == 0
-    m = _trained(cli, data_root, tmp_path / "frozen", "--from", tmp_path / "st", "--freeze-columns",
+    _trained(cli, data_root, tmp_path / "frozen", "--from", tmp_path / "st", "--freeze-columns",
                  "--stitch-lr-mult", "100")
     before = torch.load(tmp_path / "st" / "model.pt", weights_only=True)["model"]
     after = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["model"]

@@ -7,13 +7,14 @@ reproduction: columns side by side, trained on the sum of the task losses.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from csnet.errors import UsageError
+from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
 from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
 from csnet.models.columns import Column
@@ -86,10 +87,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, "model")
 
     def column_arch(self) -> dict:
         """The settings that must agree for two columns to be stitched together."""
