@@ -20,7 +20,7 @@ $(addsuffix -quick,$(EXPERIMENTS)): SCALE = $(QUICK)
 $(addsuffix -quick,$(EXPERIMENTS)): TAG = -quick
 RUN = runs/$@$(TAG)-$(NOW)
 
-.PHONY: install data demo test test-all clean-venv $(EXPERIMENTS) $(addsuffix -quick,$(EXPERIMENTS))
+.PHONY: install data demo test test-all bench clean-venv $(EXPERIMENTS) $(addsuffix -quick,$(EXPERIMENTS))
 
 install: $(STAMP) data
 
@@ -113,6 +113,10 @@ data-starved: install
 	$(CSNET) train --config configs/data-starved.toml --stitch none --starve fine=1000 $(SCALE) --quiet --out $(RUN)/independent
 	$(CSNET) train --config configs/data-starved.toml --stitch all --starve fine=1000 $(SCALE) --quiet --out $(RUN)/cross-stitch
 	$(CSNET) compare $(RUN)/independent $(RUN)/cross-stitch --out $(RUN)/compare
+
+# Throughput side by side (see README, Speed): about 3 minutes on 2 cores.
+bench: install
+	$(CSNET) bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -332,6 +332,33 @@ def compare(
                   f"plots: {', '.join(str(f) for f in figures)}", highlight=False)
 
 
+@app.command()
+def bench(
+    examples: Annotated[int, typer.Option(min=256, help="Training images per throughput measurement.")] = 4096,
+    quick: Annotated[bool, typer.Option("--quick", help="Skip the 8-task and batch-size scans and the epoch run.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.csv; default runs/bench-TIME.")] = None,
+):
+    """Measure training throughput side by side: unstitched columns, csnet's stitched network and a
+    straightforward implementation, against the machine's measured matmul peak (CPU)."""
+    import csv as csv_lib
+
+    from csnet.bench import epoch_overhead, fmt, run
+
+    out = runio.new_folder(out or default_out("bench"))
+    results = run(examples, quick)
+    if not quick:
+        results.update(epoch_overhead())
+    table = Table(title=f"csnet bench ({results['threads']} threads, data: {results['data']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, fmt(value))
+    console.print(table)
+    with open(out / "bench.csv", "w", newline="") as f:
+        csv_lib.writer(f).writerows([("measure", "value"), *results.items()])
+    console.print(f"written to {out / 'bench.csv'}", highlight=False)
+
+
 # ------------------------------------------------------------------ entry point
 
 

@@ -339,6 +339,9 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                         "model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm,
                         "epoch": epoch, "val_accuracy": best["val_accuracy"]})
                 checkpoint({"epoch": epoch + 1, "step": 0}, gen.get_state(), None)
+                # the whole epoch: training, evaluation, metrics and checkpoints (the benchmark compares
+                # it with the training steps' "seconds")
+                writer.write(epoch, "train", {"all": {"epoch_seconds": time.perf_counter() - t0}})
                 reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"]))
                 epoch, step, tally = epoch + 1, 0, None
                 if stop.requested and epoch <= cfg.epochs:

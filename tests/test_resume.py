@@ -18,7 +18,7 @@ from csnet.errors import CsnetError
 from csnet.progress import RichReporter
 
 SMALL = ["--val-size", "100", "--train-size", "400", "--batch-size", "64", "--quiet"]  # 7 steps per epoch
-TIMINGS = ("examples_per_s", "seconds")
+TIMINGS = ("examples_per_s", "seconds", "epoch_seconds")
 
 
 def values(run):
