@@ -51,6 +51,9 @@ ValSize = Annotated[Optional[int], typer.Option(
                 "[default: 5000 images, a tenth of a table].")]
 Starve = Annotated[Optional[list[str]], typer.Option(
     help="TASK=N: keep only N training labels of TASK (the paper's data-starved setting); repeatable.")]
+LabelColumns = Annotated[Optional[str], typer.Option(
+    help="For --dataset csv:PATH, every label column, comma-separated: none of them is read as a feature "
+         "[default: the tasks].")]
 TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table (default: a seeded fifth of PATH).")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
@@ -131,7 +134,7 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
 
 
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,
-                 test_csv=None) -> DataConfig:
+                 test_csv=None, label_columns=None) -> DataConfig:
     counts = {}
     for item in starve or []:
         task, _, n = item.partition("=")
@@ -139,7 +142,8 @@ def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed
             raise UsageError(f"--starve takes TASK=N (N a whole number), got {item!r}")
         counts[task] = int(n)
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
-                      test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv)
+                      test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv,
+                      label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None)
 
 
 def _parse_list(text: str, option: str, cast=str) -> tuple:
@@ -152,10 +156,10 @@ def _parse_list(text: str, option: str, cast=str) -> tuple:
     return items
 
 
-def _model_config(spec, tasks, *, stitch, **given) -> ModelConfig:
+def _model_config(spec, tasks, *, stitch, label_columns=None, **given) -> ModelConfig:
     """ModelConfig from the options the user gave; unset ones keep the dataclass defaults."""
     kw = {k: v for k, v in given.items() if v is not None}
-    kw.update(model_input(spec, tasks))
+    kw.update(model_input(spec, tasks, _parse_list(label_columns, "--label-columns") if label_columns else None))
     if "in_features" in kw:
         kw.setdefault("backbone", "mlp")
     num_classes = [spec.tasks[t] for t in tasks]
@@ -178,7 +182,7 @@ def pretrain(
     task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse, body).")],
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
-    starve: Starve = None, test_csv: TestCsv = None,
+    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
@@ -192,10 +196,11 @@ def pretrain(
     spec = dataset_spec(dataset)
     if task not in spec.tasks:
         raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-    model_cfg = _model_config(spec, [task], stitch="none", backbone=backbone,
+    model_cfg = _model_config(spec, [task], stitch="none", label_columns=label_columns, backbone=backbone,
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
-        task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv),
+        task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
+                           label_columns),
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
@@ -230,7 +235,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
-    starve: Starve = None, test_csv: TestCsv = None,
+    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
     backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None,
     stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
@@ -278,9 +283,11 @@ def train(
         if unknown:
             raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
         default_stitch = "none" if arch == "shared" else "all"
-        model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or default_stitch, **model_opts)
+        model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or default_stitch,
+                                  label_columns=label_columns, **model_opts)
     stages.train(
-        _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv), model_cfg,
+        _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
+                     label_columns), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
@@ -293,10 +300,12 @@ def train(
 def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Data set to evaluate on [default: the run's]; needed for a stitch of columns from different data sets.")] = None,
     device: Device = _T.device, data_root: DataRoot = None,
 ):
     """Evaluate a run's saved network: per-task loss and accuracy and their mean; writes RUN/eval.csv."""
-    metrics = stages.eval_run(run, split, device, data_root, console)
+    metrics = stages.eval_run(run, split, device, data_root, console, dataset)
     table = Table(title=f"{run} ({split})")
     for col in ("task", "loss", "accuracy"):
         table.add_column(col, justify="left" if col == "task" else "right")
@@ -320,8 +329,7 @@ def compare(
 
     out = out or default_out("compare")
     table, figures = compare_runs(runs, out, reference or None)
-    tasks = [c[5:] for c in table.columns if c.startswith("test_") and c.count("_") == 1 and c != "test_mean"]
-    header, cells = format_rows(table, tasks)
+    header, cells = format_rows(table, table.attrs["tasks"])
     view = Table(title=f"test accuracy % at the best validation epoch (difference from {table.run.iloc[0]}, points)")
     for i, h in enumerate(header):
         view.add_column(h, justify="left" if i == 0 else "right")
@@ -365,12 +373,15 @@ def bench(
 def _config_defaults(command, argv: list[str]) -> dict | None:
     """``--config FILE.toml``: its keys become the command's defaults (the command line still wins).
     Keys are the option names (``train-size`` or ``train_size``); an unknown key is an error."""
-    if "--config" not in argv:
+    i = next((k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if i is None:
         return None
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
+    if argv[i].startswith("--config="):
+        path = Path(argv[i].split("=", 1)[1])
+    elif i + 1 < len(argv):
+        path = Path(argv[i + 1])
+    else:
         raise UsageError("--config needs a FILE.toml")
-    path = Path(argv[i + 1])
     sub = next((a for a in argv[:i] if a in command.commands), None)
     if sub is None:
         raise UsageError("--config goes after the command, e.g. csnet train --config FILE.toml")

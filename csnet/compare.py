@@ -41,8 +41,8 @@ def read_metrics(run: Path) -> pd.DataFrame:
 def summarize(df: pd.DataFrame) -> dict:
     """Best epoch by mean validation accuracy (the first, on ties) and the test accuracies there."""
     val = df[(df.split == "val") & (df.task == "mean") & (df.metric == "accuracy")].set_index("epoch").value
-    if val.empty:
-        raise CsnetError("metrics have no validation accuracy")
+    if val.dropna().empty:
+        raise CsnetError("metrics have no validation accuracy (no labelled validation samples?)")
     best = int(val.idxmax())
     test = df[(df.split == "test") & (df.metric == "accuracy") & (df.epoch == best)]
     return {
@@ -110,10 +110,12 @@ def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
     common = a.dropna().index.intersection(b.dropna().index)
     if len(common) >= 2:
         d = a[common] - b[common]
-        p = math.nan if np.allclose(d, d.iloc[0]) and d.iloc[0] == 0 else float(stats.ttest_rel(a[common], b[common]).pvalue)
+        # constant differences have no spread: the t statistic is undefined, not a certainty
+        p = math.nan if np.allclose(d, d.iloc[0]) else float(stats.ttest_rel(a[common], b[common]).pvalue)
         return float(d.mean()), p, len(common)
-    if len(common) == 1:
-        return float(a[common[0]] - b[common[0]]), math.nan, 1
+    if len(common) == 1 or len(a.dropna()) < 2 or len(b.dropna()) < 2:
+        # too few seeds to test; the difference of the means matches the table's own means
+        return float(a.mean() - b.mean()), math.nan, len(common)
     if len(a.dropna()) >= 2 and len(b.dropna()) >= 2:
         return float(a.mean() - b.mean()), float(stats.ttest_ind(a.dropna(), b.dropna(), equal_var=False).pvalue), 0
     return float(a.mean() - b.mean()), math.nan, 0
@@ -165,6 +167,7 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
         row["delta_m"] = delta_m({t: row[f"test_{t}"] for t in tasks}, ref_scores)
         rows.append(row)
     table = pd.DataFrame(rows)
+    table.attrs["tasks"] = tasks
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
     metrics = {f"{label}" + (f" (seed {s})" if len(entries[label][1]) > 1 else ""): df

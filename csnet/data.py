@@ -109,12 +109,13 @@ class DataConfig:
     split_seed: int = 0
     starve: dict[str, int] | None = None
     test_csv: str | None = None
+    label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
 
 
-def model_input(spec: DatasetSpec, tasks) -> dict:
+def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     """ModelConfig settings for the data's input: image channels and size, or features per table row."""
     if len(spec.input_shape) == 1:
-        return {"in_features": spec.input_shape[0] - len(tasks)}
+        return {"in_features": spec.input_shape[0] - len(set(tasks) | set(label_columns or ()))}
     channels, size, _ = spec.input_shape
     return {"in_channels": channels, "image_size": size}
 
@@ -239,8 +240,9 @@ class Data:
         return getattr(self, name)
 
     def to(self, device: torch.device) -> "Data":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731 (per-feature stats)
         return Data(self.train.to(device), self.val.to(device), self.test.to(device),
-                    self.mean, self.std, self.num_classes, self.files)
+                    move(self.mean), move(self.std), self.num_classes, self.files)
 
 
 def check_tasks(dataset: str, tasks) -> DatasetSpec:
@@ -342,6 +344,8 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
         from csnet.tabular import load_csv
 
         return load_csv(cfg, spec, tasks)
+    if cfg.test_csv or cfg.label_columns:
+        raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
     root = Path(cfg.data_root) if cfg.data_root else None
     parts, files = [], {}
     for source in spec.sources:

@@ -93,7 +93,7 @@ def clear_run(path: Path) -> None:
 def new_folder(path: Path, force: bool = False) -> Path:
     """Make an empty output folder (see ``ensure_new``)."""
     path = ensure_new(path, force)
-    if force and (path / CONFIG).exists():
+    if force and is_run(path):
         clear_run(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -243,8 +243,11 @@ class MetricsWriter(CsvAppender):
 def truncate_metrics(path: Path, before_epoch: int) -> None:
     """Keep only rows of epochs before ``before_epoch``: a resumed run rewrites what came after its checkpoint."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < before_epoch]
+        rows = [r for r in csv.reader(f) if r]
+    if not rows:  # a crash before the header was flushed: start the file again
+        path.unlink()
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r[0].isdigit() and int(r[0]) < before_epoch]
     buf = io.StringIO()
     csv.writer(buf).writerows(kept)
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))

@@ -220,8 +220,9 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
-        if len(cfg.tasks) != 1:
-            raise UsageError(f"{src} has {len(cfg.tasks)} columns ({', '.join(cfg.tasks)}); stitch takes single-task runs")
+        if len(cfg.tasks) != 1 or cfg.arch != "cross-stitch":
+            raise UsageError(f"{src} has {len(cfg.tasks)} task(s) ({', '.join(cfg.tasks)}, arch {cfg.arch}); "
+                             "stitch takes single-task pretrain runs")
     first_arch = loaded[0][0].column_arch()
     for src, (cfg, _, _) in zip(sources[1:], loaded[1:]):
         arch = cfg.column_arch()
@@ -229,6 +230,8 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
                 if first_arch.get(k) != arch.get(k)]
         if diff:
             raise UsageError(f"columns differ: {sources[0]} and {src} have {'; '.join(diff)}")
+    data_cfgs = [runio.read_config(s).get("data") for s in sources]
+    same_data = all(d == data_cfgs[0] for d in data_cfgs)
     names = tasks or [cfg.tasks[0] for cfg, _, _ in loaded]
     if len(names) != len(sources):
         raise UsageError(f"--tasks names {len(names)} columns for {len(sources)} runs")
@@ -241,11 +244,11 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     for name, (cfg, state, _) in zip(names, loaded):
         prefix = f"columns.{cfg.tasks[0]}."
         net.columns[name].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    data_cfgs = [runio.read_config(s).get("data") for s in sources]
-    same_data = all(d == data_cfgs[0] for d in data_cfgs)
     run = runio.create_run(out, force)
+    # one input normalisation for all columns; columns from different data sets get the statistics
+    # of whatever data set the network is later trained or evaluated on
     runio.save_checkpoint(run / runio.MODEL, {"model_config": model_cfg.to_dict(), "model": net.state_dict(),
-                                              "epoch": 0, "norm": loaded[0][2]})
+                                              "epoch": 0, "norm": loaded[0][2] if same_data else None})
     _write_config(run, "stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
                   model=model_cfg.to_dict(), sources=[str(s) for s in sources])
     return run
@@ -261,12 +264,21 @@ def over_seeds_stitch(seeds, members, out, force, **kw) -> Path:
 
 
 def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | None = None,
-             console: Console | None = None) -> dict:
+             console: Console | None = None, dataset: str | None = None) -> dict:
     """Evaluate a run's saved network on a split; writes (or updates that split's rows in) RUN/eval.csv."""
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
     model_cfg, state, norm = _load_model(run)
-    data_cfg = run_data_config(run)
+    if dataset is not None:
+        # another data set, with the split settings the run (or its first source) used, and its own statistics
+        config = runio.read_config(run)
+        base = config.get("data") or (runio.read_config(Path(config["sources"][0])).get("data")
+                                      if config.get("sources") else None)
+        data_cfg = replace(from_dict(DataConfig, base, "data") if base else DataConfig(), dataset=dataset,
+                           starve=None)
+        norm = None
+    else:
+        data_cfg = run_data_config(run)
     if data_root:
         data_cfg = replace(data_cfg, data_root=data_root)
     device, note = resolve_device(device_name)
@@ -278,7 +290,8 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     net.load_state_dict(state)
     net.to(device)
     norm = norm or {"mean": data.mean, "std": data.std}
-    metrics = evaluate(net, data.split(split).to(device), mean=norm["mean"], std=norm["std"])
+    mean, std = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (norm["mean"], norm["std"]))
+    metrics = evaluate(net, data.split(split).to(device), mean=mean, std=std)
     _write_eval_csv(run / "eval.csv", split, metrics)
     return metrics
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from csnet.data import MISSING_LABEL, Data, DataConfig, DatasetSpec, Split, holdout, starve
+from csnet.data import MISSING_LABEL, Data, DataConfig, DatasetSpec, Split, holdout, starve, test_subset
 from csnet.errors import CsnetError, UsageError
 
 
@@ -40,11 +40,21 @@ def _classes(df: pd.DataFrame, tasks) -> dict[str, list]:
     return {t: sorted(df[t].dropna().unique().tolist()) for t in tasks}
 
 
-def _encode(df: pd.DataFrame, tasks, classes: dict[str, list], path: str) -> Split:
-    features = df.drop(columns=list(tasks))
+def label_columns(cfg: DataConfig, tasks) -> list[str]:
+    """Every label column of the table: the tasks, plus --label-columns (a single-task run on a table
+    with several labels must not read the other labels as features)."""
+    return list(dict.fromkeys([*tasks, *(cfg.label_columns or ())]))
+
+
+def _encode(df: pd.DataFrame, tasks, classes: dict[str, list], path: str, labels_cols: list[str]) -> Split:
+    missing = [c for c in labels_cols if c not in df.columns]
+    if missing:
+        raise UsageError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(df.columns)})")
+    features = df.drop(columns=labels_cols)
     bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if bad:
-        raise CsnetError(f"{path}: feature column(s) {', '.join(bad)} are not numeric (tasks: {', '.join(tasks)})")
+        raise CsnetError(f"{path}: feature column(s) {', '.join(bad)} are not numeric (name label columns with "
+                         "--tasks or --label-columns)")
     if features.isna().any().any():
         raise CsnetError(f"{path}: empty feature cells in {', '.join(features.columns[features.isna().any()])}")
     labels = {}
@@ -65,7 +75,8 @@ def load_csv(cfg: DataConfig, spec: DatasetSpec, tasks) -> Data:
         raise UsageError(f"--dataset {cfg.dataset}: name the label columns with --tasks a,b")
     df = _read(path)
     classes = _classes(df, tasks)
-    table = _encode(df, tasks, classes, path)
+    labels_cols = label_columns(cfg, tasks)
+    table = _encode(df, tasks, classes, path, labels_cols)
     n_features = table.images.shape[1]
     if n_features == 0:
         raise CsnetError(f"{path}: no feature columns left besides the tasks")
@@ -74,11 +85,14 @@ def load_csv(cfg: DataConfig, spec: DatasetSpec, tasks) -> Data:
         test_df = _read(cfg.test_csv)
         if list(test_df.columns) != list(df.columns):
             raise CsnetError(f"{cfg.test_csv}: columns differ from {path}")
-        test, rest = _encode(test_df, tasks, classes, cfg.test_csv), order
+        test, rest = _encode(test_df, tasks, classes, cfg.test_csv, labels_cols), order
     else:
         n_test = max(1, len(df) // 5)
         test = Split(table.images[order[:n_test]], {t: y[order[:n_test]] for t, y in table.labels.items()})
         rest = order[n_test:]
+    test_idx = test_subset(len(test), cfg)
+    if test_idx is not None:
+        test = Split(test.images[test_idx], {t: y[test_idx] for t, y in test.labels.items()})
     pool = Split(table.images[rest], {t: y[rest] for t, y in table.labels.items()})
     val_idx, train_idx = holdout(len(pool), cfg, max(1, len(pool) // 10), "rows")
     train = Split(pool.images[train_idx], {t: y[train_idx] for t, y in pool.labels.items()})

@@ -312,6 +312,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         with StopRequest(on_second=f"The last good checkpoint, {run / runio.LAST}, is untouched; {resume_hint}") as stop:
             while epoch <= cfg.epochs:
                 epoch_start = gen.get_state()  # batch order of this epoch, replayed on resume
+                resumed_at = step
                 t0 = time.perf_counter()
                 try:
                     train, step, tally = train_epoch(net, data, opt, cfg, gen, epoch, reporter, stop, step, tally)
@@ -324,7 +325,9 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                     raise Interrupted(f"by {stop.requested} at epoch {epoch}, step {step}; checkpoint saved in "
                                       f"{run / runio.LAST}; {resume_hint}")
                 train_time = time.perf_counter() - t0
-                train["all"] = {"examples_per_s": len(data.train) / train_time, "seconds": train_time}
+                done = len(data.train) - min(len(data.train), resumed_at * cfg.batch_size)  # a resumed epoch ran part
+                train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
+                resumed_at = 0
                 val = evaluate(net, data.val, mean=data.mean, std=data.std)
                 test = evaluate(net, data.test, mean=data.mean, std=data.std)
                 for split, values in (("train", train), ("val", val), ("test", test)):

@@ -60,12 +60,13 @@ def _out_channels(modules) -> int | None:
 
 
 def _channels(stages: dict[str, nn.Module]) -> dict[str, int]:
-    channels, current = {}, None
+    """Output width of each stage that has a conv, linear or norm layer of its own. A stage without
+    one (a Flatten, a lone ReLU) is left out: its input's width says nothing about its output's."""
+    channels = {}
     for name, stage in stages.items():
         found = _out_channels(stage.modules())
-        current = found if found is not None else current
-        if current is not None:
-            channels[name] = current
+        if found is not None:
+            channels[name] = found
     return channels
 
 

@@ -62,6 +62,12 @@ class ModelConfig:
         if self.backbone not in BACKBONES and ":" not in self.backbone:
             raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
                              "or module.path:function for your own")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise UsageError(f"--hidden sizes must be positive, got {','.join(map(str, self.hidden))}")
+        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
+            raise UsageError("--alpha and --beta must be finite numbers")
         if self.arch not in ARCHS:
             raise UsageError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         if self.arch == "shared" and not self.share_until:
@@ -153,7 +159,11 @@ class CrossStitchNet(nn.Module):
         units = {}
         for p in points:
             widths = {t: c.channels.get(p) for t, c in columns.items()}
-            if mode == "channel" and (None in widths.values() or len(set(widths.values())) > 1):
+            if mode == "channel" and None in widths.values():
+                raise UsageError(f"cannot tell how many channels stage {p} outputs (it has no conv, linear or "
+                                 "norm layer of its own); stitch after a stage that has one, or use --unit-mode "
+                                 "layer or dense")
+            if mode == "channel" and len(set(widths.values())) > 1:
                 raise UsageError(f"columns differ at stitch point {p}: channels {widths}")
             units[p] = CrossStitchUnit(len(columns), widths[first_task] if mode == "channel" else None, mode,
                                        alpha, beta, init)

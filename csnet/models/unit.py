@@ -98,17 +98,21 @@ class CrossStitchUnit(nn.Module):
             raise ValueError(f"unit built for {self.n_tasks} tasks got {len(xs)} inputs")
         if self.mode == "dense":
             return self._dense(xs)
-        x = torch.stack(xs)  # (T_source, B, C, *spatial)
+        if self.mode == "channel" and xs[0].shape[1] != self.channels:
+            raise ValueError(f"unit built for {self.channels} channels got inputs with {xs[0].shape[1]}")
         if self.mode == "channel":
-            w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (x.dim() - 3)))
+            w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (xs[0].dim() - 2)))
         else:
-            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * (x.dim() - 2)))
-        # out[i] = sum_j w[i, j] * x[j]: accumulate one source at a time so no (T, T, B, C, ...)
-        # product tensor is ever materialised.
-        out = w[:, 0].unsqueeze(1) * x[0]
-        for j in range(1, self.n_tasks):
-            out = out + w[:, j].unsqueeze(1) * x[j]
-        return list(out.unbind(0))
+            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * xs[0].dim()))
+        # out_i = sum_j w[i, j] * x_j, target by target: each output is a tensor of its own (a
+        # following in-place ReLU may modify it), and no (T, T, B, C, ...) product is materialised.
+        outs = []
+        for i in range(self.n_tasks):
+            out = w[i, 0] * xs[0]
+            for j in range(1, self.n_tasks):
+                out = out + w[i, j] * xs[j]
+            outs.append(out)
+        return outs
 
     def _dense(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         shape = xs[0].shape
