@@ -262,14 +262,14 @@ def test_large_backbones_train_one_short_epoch(cli, data_root, tmp_path, backbon
 def test_three_tasks_end_to_end(cli, data_root, tmp_path):
     m = _trained(cli, data_root, tmp_path / "three", "--tasks", "fine,coarse,body", "--backbone", "mlp")
     assert set(m.task) >= {"fine", "coarse", "body", "mean"}
-    unit = torch.load(tmp_path / "three" / "model.pt", weights_only=True)["model"]["units.hidden1.weight"]
+    unit = torch.load(tmp_path / "three" / "model.pt", weights_only=True, map_location="cpu")["model"]["units.hidden1.weight"]
     assert unit.shape == (3, 3, 60)
 
 
 @pytest.mark.parametrize("mode", ["layer", "dense"])
 def test_unit_modes_through_the_cli(cli, data_root, tmp_path, mode):
     _trained(cli, data_root, tmp_path / mode, "--backbone", "mlp", "--unit-mode", mode, "--stitch-lr-mult", "10")
-    state = torch.load(tmp_path / mode / "model.pt", weights_only=True)["model"]
+    state = torch.load(tmp_path / mode / "model.pt", weights_only=True, map_location="cpu")["model"]
     assert state["units.hidden1.weight"].shape == ((2, 2) if mode == "layer" else (120, 120))
     assert cli("eval", tmp_path / mode, "--data-root", data_root)[0] == 0
 
@@ -290,7 +290,7 @@ def test_custom_column_from_module_function_end_to_end(cli, data_root, tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     _trained(cli, data_root, tmp_path / "custom", "--backbone", "my_columns:tiny", "--alpha", "1", "--beta", "0")
-    state = torch.load(tmp_path / "custom" / "model.pt", weights_only=True)["model"]
+    state = torch.load(tmp_path / "custom" / "model.pt", weights_only=True, map_location="cpu")["model"]
     assert state["units.conv.weight"].shape == (2, 2, 8) and state["units.hidden.weight"].shape == (2, 2, 32)
     assert cli("eval", tmp_path / "custom", "--data-root", data_root)[0] == 0
     code, _, err = cli("train", "--data-root", data_root, "--backbone", "my_columns:nothing")
@@ -303,8 +303,8 @@ def test_freeze_columns_trains_only_the_units(cli, data_root, tmp_path):
     assert cli("stitch", tmp_path / "base", tmp_path / "base2", "--out", tmp_path / "st")[0] == 0
     _trained(cli, data_root, tmp_path / "frozen", "--from", tmp_path / "st", "--freeze-columns",
                  "--stitch-lr-mult", "100")
-    before = torch.load(tmp_path / "st" / "model.pt", weights_only=True)["model"]
-    after = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["model"]
+    before = torch.load(tmp_path / "st" / "model.pt", weights_only=True, map_location="cpu")["model"]
+    after = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True, map_location="cpu")["model"]
     for key in before:
         same = torch.equal(before[key], after[key])
         assert same == (not key.startswith("units.")), key
@@ -316,7 +316,7 @@ def test_weights_for_a_torchvision_backbone(cli, data_root, tmp_path):
     torch.save(source.state_dict(), tmp_path / "r18.pt")
     _trained(cli, data_root, tmp_path / "r", "--backbone", "resnet18", "--weights", tmp_path / "r18.pt",
              "--freeze-columns", "--train-heads", "--batch-norm")
-    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["model"]
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True, map_location="cpu")["model"]
     assert torch.equal(state["columns.fine.stages.layer2.0.conv1.weight"], source.layer2[0].conv1.weight)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["weights"]["path"] == str(tmp_path / "r18.pt") and len(config["weights"]["sha256"]) == 64

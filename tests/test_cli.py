@@ -65,7 +65,7 @@ def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
     assert (m[(m.metric == "examples_per_s")].value > 0).all()
     for name in ("model.pt", "last.pt", "plots/test_accuracy.png", "plots/train_loss.png"):
         assert (run / name).is_file(), name
-    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ckpt = torch.load(run / "model.pt", weights_only=True, map_location="cpu")
     assert list(ckpt["model_config"]["tasks"]) == ["fine", "coarse"]
 
 
@@ -94,7 +94,7 @@ def test_eval_prints_a_table_and_keeps_other_splits(pipeline, shared_data_root, 
     e = pd.read_csv(run / "eval.csv")
     assert set(e.split) == {"test", "val"}
     m = pd.read_csv(pipeline / "cs" / "metrics.csv")
-    best = torch.load(pipeline / "cs" / "model.pt", weights_only=True)["epoch"]
+    best = torch.load(pipeline / "cs" / "model.pt", weights_only=True, map_location="cpu")["epoch"]
     want = m[(m.epoch == best) & (m.split == "test") & (m.task == "mean") & (m.metric == "accuracy")].value.item()
     got = e[(e.split == "test") & (e.task == "mean") & (e.metric == "accuracy")].value.item()
     assert got == pytest.approx(want, abs=1e-6)

@@ -96,7 +96,7 @@ def test_alpha_csv_holds_the_numbers_the_model_had(cli, data_root, tmp_path):
     code, _, err = cli("train", "--data-root", data_root, *QUICK, "--epochs", "2", "--stitch-lr-mult", "100",
                        "--out", run)
     assert code == 0, err
-    state = torch.load(run / "last.pt", weights_only=True)["model"]
+    state = torch.load(run / "last.pt", weights_only=True, map_location="cpu")["model"]
     alpha = pd.read_csv(run / "alpha.csv")
     assert sorted(alpha.epoch.unique()) == [0, 1, 2]
     assert (alpha[alpha.epoch == 0].set_index(["point", "target", "source"])["mean"]
