@@ -102,6 +102,9 @@ Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; default
 Name = Annotated[Optional[str], typer.Option(help="Run name: the run goes to runs/NAME (a name, not a path).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace the run already in --out (only a csnet run's own files are removed).")]
 LrSchedule = Annotated[str, typer.Option(help="constant, or cosine (annealed to 0 over --epochs).")]
+Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast for the forward pass (for CUDA GPUs).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format for conv columns (CUDA).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (slow to start; for long runs).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorch's deterministic algorithms (CUDA: slower).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
 Config = Annotated[Optional[Path], typer.Option(
@@ -189,6 +192,7 @@ def pretrain(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
     seeds: Seeds = None, device: Device = _T.device, deterministic: Deterministic = False,
+    amp: Amp = False, channels_last: ChannelsLast = False, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
@@ -203,7 +207,8 @@ def pretrain(
                            label_columns),
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                    momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic),
+                    momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
+                    amp=amp, channels_last=channels_last, compile=compile),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
     )
 
@@ -245,8 +250,9 @@ def train(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None,
-    device: Device = _T.device, deterministic: Deterministic = False, out: Out = None, name: Name = None,
-    force: Force = False, quiet: Quiet = False, config: Config = None,
+    device: Device = _T.device, deterministic: Deterministic = False,
+    amp: Amp = False, channels_last: ChannelsLast = False, compile: Compile = False,
+    out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
     or --resume an interrupted one."""
@@ -291,7 +297,7 @@ def train(
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
-                    deterministic=deterministic),
+                    deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
     )
 

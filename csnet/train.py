@@ -51,6 +51,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
+    # Speed on CUDA: bf16 autocast, channels_last for conv columns, torch.compile (also allowed on the CPU)
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         checks = [
@@ -170,31 +174,50 @@ def _task_terms(logits: torch.Tensor, y: torch.Tensor):
     return loss_sum, correct, labelled.sum()
 
 
+def make_forward(net: CrossStitchNet, cfg: TrainConfig, device: torch.device):
+    """The forward pass as the run wants it: channels_last inputs and weights, bf16 autocast, compiled.
+    Logits come back in float32 so losses and accuracies are computed in full precision."""
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    module = torch.compile(net) if cfg.compile else net
+
+    def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            out = module(x)
+        return {t: o.float() for t, o in out.items()}
+
+    return forward
+
+
 @torch.no_grad()
-def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batch_size: int = 1000):
+def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batch_size: int = 1000, forward=None):
     """Per-task loss and accuracy on a split, plus their mean over tasks (task ``mean``)."""
     net.eval()
+    forward = forward or net
     tally = _Tally(net.tasks, split.images.device)
     for x, labels in batches(split, batch_size, mean=mean, std=std):
-        for task, logits in net(x).items():
+        for task, logits in forward(x).items():
             tally.add(task, *_task_terms(logits, labels[task]))
     return tally.result()
 
 
 def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, epoch: int, reporter: Reporter,
-                stop: StopRequest, start_step: int = 0, tally: _Tally | None = None):
+                stop: StopRequest, start_step: int = 0, tally: _Tally | None = None, forward=None):
     """One pass over the training set, from batch ``start_step`` on (a resumed epoch skips the batches done).
 
     Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
     """
     set_train_mode(net, cfg)
+    forward = forward or net
     tally = tally or _Tally(net.tasks, data.train.images.device)
     step = start_step
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
                              start=start_step * cfg.batch_size):
         step += 1
         loss = 0.0
-        for task, logits in net(x).items():
+        for task, logits in forward(x).items():
             loss_sum, correct, n = _task_terms(logits, labels[task])
             tally.add(task, loss_sum, correct, n)
             loss = loss + loss_sum / n.clamp_min(1)
@@ -277,6 +300,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     data = data.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     freeze(net, cfg)
+    forward = make_forward(net, cfg, device)
     opt = make_optimizer(net, cfg)
     sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_accuracy": -math.inf}
@@ -315,7 +339,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 resumed_at = step
                 t0 = time.perf_counter()
                 try:
-                    train, step, tally = train_epoch(net, data, opt, cfg, gen, epoch, reporter, stop, step, tally)
+                    train, step, tally = train_epoch(net, data, opt, cfg, gen, epoch, reporter, stop, step, tally,
+                                                     forward)
                 except NonFiniteLoss as e:
                     kept = (f"the last good checkpoint, {run / runio.LAST}, is kept"
                             if (run / runio.LAST).exists() else "no checkpoint was written")
@@ -328,8 +353,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 done = len(data.train) - min(len(data.train), resumed_at * cfg.batch_size)  # a resumed epoch ran part
                 train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
                 resumed_at = 0
-                val = evaluate(net, data.val, mean=data.mean, std=data.std)
-                test = evaluate(net, data.test, mean=data.mean, std=data.std)
+                val = evaluate(net, data.val, mean=data.mean, std=data.std, forward=forward)
+                test = evaluate(net, data.test, mean=data.mean, std=data.std, forward=forward)
                 for split, values in (("train", train), ("val", val), ("test", test)):
                     writer.write(epoch, split, values)
                 if alphas is not None:

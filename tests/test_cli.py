@@ -277,3 +277,13 @@ def test_make_dataset_is_reusable(tmp_path):
     # the fixture's files are real IDX files the reader accepts, gzip or not
     make_dataset(tmp_path, gz=False)
     assert (tmp_path / "fashion-mnist" / "train-images-idx3-ubyte").stat().st_size == 16 + 700 * 784
+
+
+def test_amp_and_channels_last_train_and_evaluate(cli, data_root, tmp_path):
+    code, _, err = cli("train", "--amp", "--channels-last", "--data-root", data_root, *SMALL, "--out", tmp_path / "r")
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["train"]["amp"] and config["train"]["channels_last"]
+    m = pd.read_csv(tmp_path / "r" / "metrics.csv")
+    assert m[m.metric == "accuracy"].value.between(0, 1).all() and m[m.metric == "loss"].value.notna().all()
+    assert cli("eval", tmp_path / "r", "--data-root", data_root)[0] == 0
