@@ -116,9 +116,7 @@ def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
     if len(common) == 1 or len(a.dropna()) < 2 or len(b.dropna()) < 2:
         # too few seeds to test; the difference of the means matches the table's own means
         return float(a.mean() - b.mean()), math.nan, len(common)
-    if len(a.dropna()) >= 2 and len(b.dropna()) >= 2:
-        return float(a.mean() - b.mean()), float(stats.ttest_ind(a.dropna(), b.dropna(), equal_var=False).pvalue), 0
-    return float(a.mean() - b.mean()), math.nan, 0
+    return float(a.mean() - b.mean()), float(stats.ttest_ind(a.dropna(), b.dropna(), equal_var=False).pvalue), 0
 
 
 def delta_m(scores: dict[str, float], references: dict[str, float]) -> float:
@@ -175,10 +173,9 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
     figures = plots.curves(metrics, out)
     finals = {}
     for label, run in zip(labels, runs):
-        first = next(iter(members(run).values()))
-        if (first / runio.ALPHA_FINAL).is_file():
-            finals[label] = pd.concat(pd.read_csv(p / runio.ALPHA_FINAL) for p in members(run).values()
-                                      if (p / runio.ALPHA_FINAL).is_file())
+        files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]
+        if files:
+            finals[label] = pd.concat(pd.read_csv(f) for f in files)
     if finals:
         figures.append(plots.alpha_side_by_side(finals, out / "alpha.png"))
     write_report(table, tasks, figures, out, [str(r) for r in ref_paths])

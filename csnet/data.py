@@ -288,7 +288,7 @@ def _concat(splits: list[Split]) -> Split:
                                                          for t in splits[0].labels})
 
 
-def _subset(split: Split, idx: torch.Tensor | None) -> Split:
+def subset(split: Split, idx: torch.Tensor | None) -> Split:
     if idx is None:
         return split
     return Split(split.images[idx], {t: y[idx] for t, y in split.labels.items()})
@@ -356,14 +356,14 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     full_train = _concat([p["train"] for p in parts])
     full_test = _concat([p["test"] for p in parts])
     val_idx, train_idx = holdout(len(full_train), cfg, 5000)
-    train = _subset(full_train, train_idx)
+    train = subset(full_train, train_idx)
     if cfg.starve:
         train = starve(train, cfg.starve, cfg.split_seed)
     pixels = train.images.float()
     return Data(
         train=train,
-        val=_subset(full_train, val_idx),
-        test=_subset(full_test, test_subset(len(full_test), cfg)),
+        val=subset(full_train, val_idx),
+        test=subset(full_test, test_subset(len(full_test), cfg)),
         mean=float(pixels.mean()),
         std=float(pixels.std()),
         num_classes={t: spec.tasks[t] for t in tasks},

@@ -106,15 +106,21 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     return run
 
 
+def _seeds_folder(seeds: list[int], out: Path, force: bool) -> Path:
+    """OUT/ for OUT/seed-N runs, marked by OUT/seeds.json so compare reads it as one entry."""
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
+    runio.new_folder(out, force)
+    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    return out
+
+
 def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one) -> Path:
     """Run ``one(seed, OUT/seed-N)`` for every seed; OUT/seeds.json marks the folder as one entry for
     compare, OUT/summary.csv holds each task's test accuracy over the seeds (mean, std, 95% CI)."""
     from csnet.compare import write_summary
 
-    if len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
-    runio.new_folder(out, force)
-    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    _seeds_folder(seeds, out, force)
     for seed in seeds:
         console.print(f"[seed {seed}]", highlight=False)
         one(seed, out / f"seed-{seed}")
@@ -256,8 +262,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
 
 def over_seeds_stitch(seeds, members, out, force, **kw) -> Path:
     """Stitch seed N of every source into OUT/seed-N (no training, so no summary)."""
-    runio.new_folder(out, force)
-    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    _seeds_folder(seeds, out, force)
     for seed in seeds:
         stitch([m[seed] for m in members], out=out / f"seed-{seed}", **kw)
     return out

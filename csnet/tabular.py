@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from csnet.data import MISSING_LABEL, Data, DataConfig, DatasetSpec, Split, holdout, starve, test_subset
+from csnet.data import MISSING_LABEL, Data, DataConfig, DatasetSpec, Split, holdout, starve, subset, test_subset
 from csnet.errors import CsnetError, UsageError
 
 
@@ -88,17 +88,15 @@ def load_csv(cfg: DataConfig, spec: DatasetSpec, tasks) -> Data:
         test, rest = _encode(test_df, tasks, classes, cfg.test_csv, labels_cols), order
     else:
         n_test = max(1, len(df) // 5)
-        test = Split(table.images[order[:n_test]], {t: y[order[:n_test]] for t, y in table.labels.items()})
+        test = subset(table, order[:n_test])
         rest = order[n_test:]
-    test_idx = test_subset(len(test), cfg)
-    if test_idx is not None:
-        test = Split(test.images[test_idx], {t: y[test_idx] for t, y in test.labels.items()})
-    pool = Split(table.images[rest], {t: y[rest] for t, y in table.labels.items()})
+    test = subset(test, test_subset(len(test), cfg))
+    pool = subset(table, rest)
     val_idx, train_idx = holdout(len(pool), cfg, max(1, len(pool) // 10), "rows")
-    train = Split(pool.images[train_idx], {t: y[train_idx] for t, y in pool.labels.items()})
+    train = subset(pool, train_idx)
     if cfg.starve:
         train = starve(train, cfg.starve, cfg.split_seed)
     mean, std = train.images.mean(0), train.images.std(0).clamp_min(1e-6)  # constant columns: no division by 0
-    return Data(train=train, val=Split(pool.images[val_idx], {t: y[val_idx] for t, y in pool.labels.items()}),
+    return Data(train=train, val=subset(pool, val_idx),
                 test=test, mean=mean, std=std, num_classes={t: len(classes[t]) for t in tasks},
                 files={"csv": Path(path), **({"test_csv": Path(cfg.test_csv)} if cfg.test_csv else {})})

@@ -316,9 +316,13 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
     norm = {"mean": data.mean, "std": data.std}
 
+    def network() -> dict:
+        """What rebuilds and runs the network: the part model.pt and last.pt share."""
+        return {"model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm}
+
     def checkpoint(position: dict, shuffle_state: torch.Tensor, partial: _Tally | None) -> None:
         runio.save_checkpoint(run / runio.LAST, {
-            "model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm,
+            **network(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
             "train_config": asdict(cfg), "best": best, "position": position,
             "tally": {t: v.cpu() for t, v in partial.sums.items()} if partial else None,
@@ -352,7 +356,6 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 train_time = time.perf_counter() - t0
                 done = len(data.train) - min(len(data.train), resumed_at * cfg.batch_size)  # a resumed epoch ran part
                 train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
-                resumed_at = 0
                 val = evaluate(net, data.val, mean=data.mean, std=data.std, forward=forward)
                 test = evaluate(net, data.test, mean=data.mean, std=data.std, forward=forward)
                 for split, values in (("train", train), ("val", val), ("test", test)):
@@ -364,8 +367,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 if val["mean"]["accuracy"] > best["val_accuracy"]:
                     best = {"epoch": epoch, "val_accuracy": val["mean"]["accuracy"]}
                     runio.save_checkpoint(run / runio.MODEL, {
-                        "model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm,
-                        "epoch": epoch, "val_accuracy": best["val_accuracy"]})
+                        **network(), "epoch": epoch, "val_accuracy": best["val_accuracy"]})
                 checkpoint({"epoch": epoch + 1, "step": 0}, gen.get_state(), None)
                 # the whole epoch: training, evaluation, metrics and checkpoints (the benchmark compares
                 # it with the training steps' "seconds")
