@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -64,20 +65,27 @@ def _step_fn(net, opt):
     return step
 
 
-def _time_tensor_batches(net, images, labels_by_task, batch: int, warmup: int = 3) -> float:
-    """Examples/s of training steps on batches cut from in-memory uint8 tensors (csnet's way)."""
-    net.train()
-    step = _step_fn(net, torch.optim.Adam(net.parameters(), lr=1e-3))
+def _time_csnet(net, images, labels_by_task, batch: int, warmup: int = 3) -> float:
+    """Examples/s of csnet's own training loop (``train.train_epoch`` with the default settings of
+    ``csnet train``: its optimizer, memory format and masked losses) over in-memory uint8 tensors."""
+    from csnet.progress import Reporter
+    from csnet.state import StopRequest
+    from csnet.train import TrainConfig, make_forward, make_optimizer, train_epoch
+
+    cfg = TrainConfig(batch_size=batch, device="cpu")
+    forward = make_forward(net, cfg, torch.device("cpu"))
+    opt = make_optimizer(net, cfg)
     mean, std = images.float().mean().item(), images.float().std().item()
-    split = data_lib.Split(images, labels_by_task)
+
+    def data(n):
+        split = data_lib.Split(images[:n], {t: y[:n] for t, y in labels_by_task.items()})
+        return data_lib.Data(split, split, split, mean, std, {}, {})
+
     gen = torch.Generator().manual_seed(0)
-    for i, (x, y) in enumerate(data_lib.batches(split, batch, mean=mean, std=std, generator=gen)):
-        if i == warmup:
-            break
-        step(x, y)
+    stop = StopRequest()  # never entered: no signal handlers while benchmarking
+    train_epoch(net, data(warmup * batch), opt, cfg, gen, 1, Reporter(), stop, forward=forward)
     t0 = time.perf_counter()
-    for x, y in data_lib.batches(split, batch, mean=mean, std=std, generator=gen):
-        step(x, y)
+    train_epoch(net, data(len(images)), opt, cfg, gen, 1, Reporter(), stop, forward=forward)
     return len(images) / (time.perf_counter() - t0)
 
 
@@ -92,10 +100,23 @@ class _PairUnit(nn.Module):
         return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+def textbook_order(column: nn.Module) -> nn.Module:
+    """A convnet column with its conv blocks in the usual conv -> norm -> ReLU -> pool order (csnet
+    pools before the ReLU, which gives the same output for less work)."""
+    for name, block in column.stages.items():
+        layers = list(block)
+        kinds = [type(m) for m in layers]
+        if nn.MaxPool2d in kinds and nn.ReLU in kinds:
+            pool, relu = kinds.index(nn.MaxPool2d), kinds.index(nn.ReLU)
+            layers[pool], layers[relu] = layers[relu], layers[pool]
+            column.stages[name] = nn.Sequential(*layers)
+    return column
+
+
 class _StraightforwardNet(nn.Module):
     def __init__(self, columns: dict[str, nn.Module], points: list[str]):
         super().__init__()
-        self.columns = nn.ModuleDict(columns)
+        self.columns = nn.ModuleDict({t: textbook_order(c) for t, c in columns.items()})
         tasks = list(columns)
         first = next(iter(columns.values()))
         self.points = points
@@ -114,8 +135,9 @@ class _StraightforwardNet(nn.Module):
         return {t: c.head(h) for t, c, h in zip(self.columns, cols, xs)}
 
 
-def _time_dataloader(net, folder: Path | None, n: int, batch: int, warmup: int = 3) -> float:
-    """Examples/s of the same training steps fed by torchvision's dataset, transforms and DataLoader."""
+def _dataloader_timer(net, folder: Path | None, n: int, batch: int, warmup: int = 3):
+    """A function that returns examples/s of the same training steps fed by torchvision's dataset,
+    transforms and DataLoader (the data set is prepared once, outside the timing)."""
     import torchvision
     from torchvision import transforms
 
@@ -133,18 +155,36 @@ def _time_dataloader(net, folder: Path | None, n: int, batch: int, warmup: int =
     else:
         dataset = torchvision.datasets.FakeData(n, (1, 28, 28), 10, transform=transforms.ToTensor())
     subset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch, shuffle=True)
-    net.train()
-    step = _step_fn(net, torch.optim.Adam(net.parameters(), lr=1e-3))
     coarse = data_lib.COARSE_OF_FINE
-    for i, (x, y) in enumerate(loader):
-        if i == warmup:
-            break
-        step(x, {"fine": y, "coarse": coarse[y]})
-    t0 = time.perf_counter()
-    for x, y in loader:
-        step(x, {"fine": y, "coarse": coarse[y]})
-    return n / (time.perf_counter() - t0)
+
+    def measure() -> float:
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch, shuffle=True)
+        net.train()
+        step = _step_fn(net, torch.optim.Adam(net.parameters(), lr=1e-3))
+        for i, (x, y) in enumerate(loader):
+            if i == warmup:
+                break
+            step(x, {"fine": y, "coarse": coarse[y]})
+        t0 = time.perf_counter()
+        for x, y in loader:
+            step(x, {"fine": y, "coarse": coarse[y]})
+        return n / (time.perf_counter() - t0)
+
+    return measure
+
+
+def best_of(measures: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
+    """Take the measurements in turn, ``reps`` rounds, and keep each one's best examples/s.
+
+    On a shared machine noise only ever slows a measurement down, so the best is the closest
+    to what the code can do; taking them in turn spreads slow spells over all of them, so
+    their ratios are measured side by side.
+    """
+    best = dict.fromkeys(measures, 0.0)
+    for _ in range(reps):
+        for name, measure in measures.items():
+            best[name] = max(best[name], measure())
+    return best
 
 
 def _net(tasks: int, stitch: str):
@@ -164,33 +204,40 @@ def run(n: int = 4096, quick: bool = False) -> dict:
     macs = count_macs(stitched, torch.zeros(1, 1, 28, 28))
     r["train_mflop_per_example"] = 3 * 2 * macs / 1e6  # forward + backward (about twice the forward)
     r["flop_limit_examples_per_s"] = r["matmul_gflops"] * 1e3 / r["train_mflop_per_example"]
-    r["unstitched"] = _time_tensor_batches(_net(2, "none")[0], images, two, 128)
-    r["csnet"] = _time_tensor_batches(stitched, images, two, 128)
+    reps = 1 if quick else 3
     naive_cols, _ = _net(2, "none")
     straightforward = _StraightforwardNet(dict(naive_cols.columns), ["pool1", "pool2", "fc"])
-    r["straightforward"] = _time_dataloader(straightforward, folder, n, 128)
+    unstitched = _net(2, "none")[0]
+    r.update(best_of({
+        "unstitched": lambda: _time_csnet(unstitched, images, two, 128),
+        "csnet": lambda: _time_csnet(stitched, images, two, 128),
+        "straightforward": _dataloader_timer(straightforward, folder, n, 128),
+    }, reps))
     r["csnet_vs_straightforward"] = r["csnet"] / r["straightforward"]
     r["stitch_overhead_2"] = 1 - r["csnet"] / r["unstitched"]
     r["fraction_of_flop_limit"] = r["csnet"] / r["flop_limit_examples_per_s"]
+    m = max(512, n // 2)
     for tasks in ((4, 8) if not quick else (4,)):
-        m = max(512, n // tasks)
         labels = {name: fine[:m] for name in _net(tasks, "none")[1]}
-        none = _time_tensor_batches(_net(tasks, "none")[0], images[:m], labels, 128)
-        stitch = _time_tensor_batches(_net(tasks, "all")[0], images[:m], labels, 128)
-        r[f"stitch_overhead_{tasks}"] = 1 - stitch / none
+        nets = {"none": _net(tasks, "none")[0], "all": _net(tasks, "all")[0]}
+        t = best_of({k: lambda net=net: _time_csnet(net, images[:m], labels, 128) for k, net in nets.items()}, reps)
+        r[f"stitch_overhead_{tasks}"] = 1 - t["all"] / t["none"]
     for batch in ((64, 256) if not quick else ()):
-        r[f"csnet_batch_{batch}"] = _time_tensor_batches(_net(2, "all")[0], images, two, batch)
+        r[f"csnet_batch_{batch}"] = _time_csnet(_net(2, "all")[0], images, two, batch)
     return r
 
 
-def epoch_overhead(train_size: int = 6000) -> dict:
-    """A real `csnet train` epoch in a child process: its peak resident memory, and its whole epoch
-    (training, evaluation of 15,000 images, metrics, checkpoints) against the training steps alone."""
+def epoch_overhead(train_size: int | None = None) -> dict:
+    """A real ``csnet train`` epoch (all 55,000 training images by default) in a child process: its
+    peak resident memory, and its whole epoch (training, evaluation of the 15,000 validation and
+    test images, metrics, checkpoints) against the training steps alone."""
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "csnet", "train", "--train-size", str(train_size), "--epochs", "1", "--quiet",
-               "--device", "cpu", "--out", f"{tmp}/run"]
+        cmd = [sys.executable, "-m", "csnet", "train", "--epochs", "1", "--quiet", "--device", "cpu",
+               "--out", f"{tmp}/run"]
+        if train_size is not None:
+            cmd += ["--train-size", str(train_size)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             return {"epoch_run": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}

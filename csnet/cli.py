@@ -103,7 +103,8 @@ Name = Annotated[Optional[str], typer.Option(help="Run name: the run goes to run
 Force = Annotated[bool, typer.Option("--force", help="Replace the run already in --out (only a csnet run's own files are removed).")]
 LrSchedule = Annotated[str, typer.Option(help="constant, or cosine (annealed to 0 over --epochs).")]
 Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast for the forward pass (for CUDA GPUs).")]
-ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last memory format for conv columns (CUDA).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last/--no-channels-last",
+                                           help="channels_last (NHWC) memory format for conv columns.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (slow to start; for long runs).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorch's deterministic algorithms (CUDA: slower).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
@@ -192,7 +193,7 @@ def pretrain(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
     seeds: Seeds = None, device: Device = _T.device, deterministic: Deterministic = False,
-    amp: Amp = False, channels_last: ChannelsLast = False, compile: Compile = False,
+    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
@@ -251,7 +252,7 @@ def train(
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None,
     device: Device = _T.device, deterministic: Deterministic = False,
-    amp: Amp = False, channels_last: ChannelsLast = False, compile: Compile = False,
+    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,

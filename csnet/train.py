@@ -51,9 +51,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
-    # Speed on CUDA: bf16 autocast, channels_last for conv columns, torch.compile (also allowed on the CPU)
+    # Speed: bf16 autocast (CUDA), torch.compile. channels_last (NHWC) is on by default: oneDNN's
+    # convolutions, batch norm and pooling are all faster in it on the CPU (the Fashion pair trained
+    # about 1.3x faster), and on CUDA it was level or slightly ahead (README, Speed).
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
 
     def __post_init__(self):
@@ -139,9 +141,12 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimiz
         groups.append({"params": net.unit_parameters(), "lr": cfg.lr * cfg.stitch_lr_mult, "weight_decay": 0.0})
     if not groups:
         raise UsageError("nothing to train: --freeze-columns on a network without units (add --train-heads?)")
+    # The fused kernels update every tensor in one pass instead of one pass per operation: on the
+    # CPU the Adam step went from about 13 to 4 ms per batch of the Fashion pair (csnet bench).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(groups, lr=cfg.lr, fused=fused or None)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
 
 
 class _Tally:
@@ -191,12 +196,22 @@ def make_forward(net: CrossStitchNet, cfg: TrainConfig, device: torch.device):
     return forward
 
 
-@torch.no_grad()
-def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batch_size: int = 1000, forward=None):
+def eval_batch_size(device: torch.device) -> int:
+    """Batch size for evaluation. A GPU wants large batches (fewer launches). On the CPU small ones
+    are faster: at 1,000 the Fashion convnet's activations (100 MB after the first conv) fall out
+    of cache, and evaluating the 10,000 test images took 4.5 s, against 2.3 s at 128."""
+    return 1000 if device.type == "cuda" else 128
+
+
+@torch.inference_mode()
+def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batch_size: int | None = None,
+             forward=None):
     """Per-task loss and accuracy on a split, plus their mean over tasks (task ``mean``)."""
     net.eval()
     forward = forward or net
-    tally = _Tally(net.tasks, split.images.device)
+    device = split.images.device
+    batch_size = batch_size or eval_batch_size(device)
+    tally = _Tally(net.tasks, device)
     for x, labels in batches(split, batch_size, mean=mean, std=std):
         for task, logits in forward(x).items():
             tally.add(task, *_task_terms(logits, labels[task]))

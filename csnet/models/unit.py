@@ -49,6 +49,51 @@ def init_values(n_tasks: int, init: str, alpha: float, beta: float) -> tuple[flo
     return alpha, beta
 
 
+class _Mix(torch.autograd.Function):
+    """``out_i = sum_j w[i, j] * x_j`` with w of shape (T, T, C) (per channel) or (T, T) (per layer).
+
+    Written out as an autograd function because the unit's cost is memory traffic: autograd's own
+    graph for the same sum (a multiply, an add and a weight-slice backward per task pair) made a
+    stitched 8-task network about 25% slower than its columns alone. Here every (i, j) pair is one
+    fused multiply-add in the forward pass and one in the backward, outputs are never saved (a
+    following in-place ReLU may modify them), and no (T, T, B, C, ...) product is ever materialised.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, *xs: torch.Tensor):
+        ctx.save_for_backward(w, *xs)
+        return tuple(_mix(w, xs))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        w, *xs = ctx.saved_tensors
+        needs_w, needs_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1:]
+        grad_w = None
+        if needs_w:
+            # dL/dw[i, j, c] = sum over batch and positions of g_i * x_j
+            dims = [d for d in range(xs[0].dim()) if w.dim() == 2 or d != 1]
+            grad_w = torch.stack([torch.stack([(g * x).sum(dims, dtype=torch.float32) for x in xs])
+                                  for g in grads]).to(w.dtype)
+        # dL/dx_j = sum_i w[i, j] * g_i: the same mix with the matrix transposed
+        grad_xs = _mix(w.transpose(0, 1), grads) if any(needs_x) else [None] * len(xs)
+        grad_xs = [g.to(x.dtype) if g is not None and need else None
+                   for g, x, need in zip(grad_xs, xs, needs_x)]
+        return (grad_w, *grad_xs)
+
+
+def _mix(w: torch.Tensor, xs) -> list[torch.Tensor]:
+    """``[sum_j w[i, j] * xs[j] for each i]``, one new tensor per target (in xs' memory format)."""
+    shape = (-1, *([1] * (xs[0].dim() - 2))) if w.dim() == 3 else ()
+    outs = []
+    for i in range(w.shape[0]):
+        out = xs[0] * w[i, 0].view(shape)
+        for j in range(1, w.shape[1]):
+            out.addcmul_(xs[j], w[i, j].view(shape))
+        outs.append(out)
+    return outs
+
+
 class CrossStitchUnit(nn.Module):
     """Mix T tasks' activations with learned weights, initialised to ``alpha`` on the diagonal
     (same-task, alpha_S in the paper) and ``beta`` off it (different-task, alpha_D).
@@ -100,19 +145,7 @@ class CrossStitchUnit(nn.Module):
             return self._dense(xs)
         if self.mode == "channel" and xs[0].shape[1] != self.channels:
             raise ValueError(f"unit built for {self.channels} channels got inputs with {xs[0].shape[1]}")
-        if self.mode == "channel":
-            w = self.weight.view(self.n_tasks, self.n_tasks, self.channels, *([1] * (xs[0].dim() - 2)))
-        else:
-            w = self.weight.view(self.n_tasks, self.n_tasks, *([1] * xs[0].dim()))
-        # out_i = sum_j w[i, j] * x_j, target by target: each output is a tensor of its own (a
-        # following in-place ReLU may modify it), and no (T, T, B, C, ...) product is materialised.
-        outs = []
-        for i in range(self.n_tasks):
-            out = w[i, 0] * xs[0]
-            for j in range(1, self.n_tasks):
-                out = out + w[i, j] * xs[j]
-            outs.append(out)
-        return outs
+        return list(_Mix.apply(self.weight, *xs))
 
     def _dense(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         shape = xs[0].shape
