@@ -6,17 +6,20 @@ usage errors); ``csnet --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import warnings
 import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch.distributed
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from csnet import runio, stages
+from csnet import distributed, runio, stages
 from csnet.data import DATASETS, DataConfig, dataset_spec, model_input
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import BACKBONES, ModelConfig
@@ -175,6 +178,15 @@ def _model_config(spec, tasks, *, stitch, label_columns=None, **given) -> ModelC
 # ------------------------------------------------------------------ commands
 
 
+def _join(device: str) -> None:
+    """Under torchrun: join the other processes; only rank 0 prints."""
+    global console
+    if distributed.launched():
+        distributed.setup(device)
+        if not distributed.world().is_main:
+            console = Console(quiet=True)
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
     _state["debug"] = debug
@@ -197,6 +209,7 @@ def pretrain(
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
+    _join(device)
     seed_list = _seed_list(ctx, seeds)
     spec = dataset_spec(dataset)
     if task not in spec.tasks:
@@ -257,6 +270,8 @@ def train(
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
     or --resume an interrupted one."""
+    if resume is None:
+        _join(device)  # a resumed run joins once it has read its device from the run
     if resume is not None:
         allowed = {"resume", "epochs", "device", "quiet", "ctx", "config"}
         given = _given(ctx, [n for n in ctx.params if n not in allowed])
@@ -423,7 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     _state["debug"] = "--debug" in argv[:1]
     command = typer.main.get_command(app)
+    rank = int(distributed.launched() and os.environ.get("RANK", "0"))
     try:
+        sub = next((a for a in argv if a in command.commands), None)
+        if distributed.launched() and sub not in (None, "train", "pretrain"):
+            raise UsageError(f"csnet {sub} runs in one process; start it without torchrun "
+                             "(only train and pretrain run under torchrun)")
         default_map = _config_defaults(command, argv)
         code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False,
                             **({"default_map": default_map} if default_map else {}))
@@ -432,11 +452,27 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         message = e.format_message() if isinstance(e, _ParseError) else str(e)
-        print(f"{getattr(e, 'label', 'error')}: {message}", file=sys.stderr)
+        # Under torchrun every rank meets the same bad option or data; rank 0 alone reports it
+        # (an error only one rank met comes to rank 0 through distributed.together).
+        if rank == 0:
+            print(f"{getattr(e, 'label', 'error')}: {message}", file=sys.stderr)
+        else:
+            # torchrun stops every worker as soon as one exits: leave rank 0 the moment it needs to
+            # print the message this rank keeps to itself
+            time.sleep(3)
         return e.exit_code
+    except torch.distributed.DistError as e:
+        if _state["debug"]:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: process {rank} lost contact with the others ({first}); "
+              "another process probably stopped first: see its message above", file=sys.stderr)
+        return 1
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()
 
 
 def run() -> None:

@@ -372,11 +372,16 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
 
 
 def batches(split: Split, batch_size: int, *, mean, std, generator: torch.Generator | None = None,
-            start: int = 0):
+            start: int = 0, shard: tuple[int, int] = (0, 1)):
     """Yield (z-scored float images, {task: labels}) batches; shuffled when a generator is given.
 
     ``start`` skips that many samples of the (shuffled) order, after drawing the whole
     order, so a resumed epoch sees exactly the batches the interrupted one had left.
+
+    ``shard=(rank, size)``: this process's share when ``size`` processes train together.
+    Every rank draws the same order (same generator state) and takes every ``size``-th
+    sample of it; the order is first cut to a multiple of ``size``, so all ranks take the
+    same number of steps (DDP's collectives need every rank at every step).
 
     Images stay uint8 in memory and are converted one batch at a time, which keeps
     the resident set four times smaller than a float copy of the data set.
@@ -384,7 +389,11 @@ def batches(split: Split, batch_size: int, *, mean, std, generator: torch.Genera
     n = len(split)
     device = split.images.device
     order = torch.randperm(n, generator=generator).to(device) if generator is not None else None
-    for first in range(start, n, batch_size):
+    rank, size = shard
+    if size > 1:
+        order = (order if order is not None else torch.arange(n, device=device))[:n // size * size][rank::size]
+    count = n if order is None else len(order)
+    for first in range(start, count, batch_size):
         if order is None:
             sl = slice(first, first + batch_size)
             images, labels = split.images[sl], {t: y[sl] for t, y in split.labels.items()}
@@ -392,3 +401,8 @@ def batches(split: Split, batch_size: int, *, mean, std, generator: torch.Genera
             idx = order[first:first + batch_size]
             images, labels = split.images[idx], {t: y[idx] for t, y in split.labels.items()}
         yield (images.float() - mean) / std, labels
+
+
+def shard_size(n: int, size: int) -> int:
+    """Samples each of ``size`` ranks takes from ``n`` (see ``batches``)."""
+    return n if size == 1 else n // size

@@ -80,9 +80,7 @@ def teardown() -> None:
 
 
 class Elsewhere(CsnetError):
-    """Another rank failed; that rank (rank 0 where it is among them) reports the error, this one exits."""
-
-    quiet = True
+    """Another rank failed first; rank 0 reports its message, the other ranks exit quietly."""
 
 
 def together(fn, *, main_only: bool = False):
@@ -140,3 +138,11 @@ def gather(obj) -> list:
     out: list = [None] * _world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics): after the last step each
+    rank has updated them with its own batch, and evaluation should use the statistics model.pt keeps."""
+    if _world.active:
+        for b in module.buffers():
+            dist.broadcast(b, 0)

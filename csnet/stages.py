@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from csnet import data as data_lib
-from csnet import plots, runio
+from csnet import distributed, plots, runio
 from csnet.compare import read_metrics
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
@@ -60,34 +60,48 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
                   train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None,
                   force: bool = False, weights: Path | None = None) -> Path:
-    runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
-    device, note = resolve_device(train_cfg.device)
-    torch.manual_seed(train_cfg.seed)
-    net = build_network(model_cfg, weights)  # a bad stitch point or backbone fails here, before the data loads
-    if state is not None:
-        net.load_state_dict(state)
-    if note:
-        console.print(note, highlight=False)
-    data = data_lib.load(data_cfg, model_cfg.tasks)
-    _check_geometry(model_cfg, data)
-    run = runio.create_run(out, force)
+    distributed.setup(train_cfg.device)
+    main = distributed.world().is_main
+    console = console if main else Console(quiet=True)
+
+    def setup():
+        if main:
+            runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
+        device, note = resolve_device(train_cfg.device)
+        torch.manual_seed(train_cfg.seed)
+        net = build_network(model_cfg, weights)  # a bad stitch point or backbone fails here, before the data loads
+        if state is not None:
+            net.load_state_dict(state)
+        if note:
+            console.print(note, highlight=False)
+        data = data_lib.load(data_cfg, model_cfg.tasks)
+        _check_geometry(model_cfg, data)
+        return device, net, data
+
+    device, net, data = distributed.together(setup)  # one failing rank stops all, with one message
     n_units = sum(p.numel() for p in net.unit_parameters())
     n_params = sum(p.numel() for p in net.parameters())
-    model_stats = {"parameters": n_params, "unit_parameters": n_units,
-                   "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
-    _write_config(
-        run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
-        source=str(source) if source else None, data_stats=_data_stats(data),
-        weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
-        model_stats=model_stats,
-    )
+
+    def create():
+        run = runio.create_run(out, force)
+        model_stats = {"parameters": n_params, "unit_parameters": n_units,
+                       "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
+        _write_config(
+            run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
+            source=str(source) if source else None, data_stats=_data_stats(data),
+            weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
+            model_stats=model_stats, processes=distributed.world().size,
+        )
+        return run
+
+    run = distributed.together(create, main_only=True) or out
     console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
                   f"{model_cfg.backbone}, "
                   + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else f"stitch {model_cfg.stitch}")
                   + f", {n_params:,} parameters "
                   f"({n_units:,} in units), device {device}", highlight=False)
-    return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, None)
+    return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet or not main, None)
 
 
 def _data_stats(data: data_lib.Data) -> dict:
@@ -99,6 +113,8 @@ def _data_stats(data: data_lib.Data) -> dict:
 def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -> Path:
     with deterministic_algorithms(train_cfg.deterministic):
         best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet), resume)
+    if not distributed.world().is_main:
+        return run
     plots.curves({run.name: read_metrics(run)}, run / "plots")
     plots.alpha_plots(run)
     console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
@@ -120,10 +136,12 @@ def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one) 
     compare, OUT/summary.csv holds each task's test accuracy over the seeds (mean, std, 95% CI)."""
     from csnet.compare import write_summary
 
-    _seeds_folder(seeds, out, force)
+    distributed.together(lambda: _seeds_folder(seeds, out, force), main_only=True)
     for seed in seeds:
         console.print(f"[seed {seed}]", highlight=False)
         one(seed, out / f"seed-{seed}")
+    if not distributed.world().is_main:
+        return out
     summary = write_summary(out)
     console.print(f"over {len(seeds)} seeds: " + "; ".join(
         f"{r.task} {100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for _, r in summary.iterrows()) +
@@ -179,31 +197,46 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     config = runio.read_config(run)
     if config.get("command") not in ("train", "pretrain"):
         raise UsageError(f"{run} is a {config.get('command')} run; only train and pretrain runs can be resumed")
-    last = runio.load_checkpoint(run / runio.LAST)
     train_cfg = TrainConfig.from_dict(config["train"])
-    if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
-        raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its --epochs {train_cfg.epochs}; "
-                         "resume it without --epochs")
-    train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs, device=device or train_cfg.device)
-    position = last["position"]
-    if position["epoch"] > train_cfg.epochs:
-        raise UsageError(f"{run} has finished its {position['epoch'] - 1} epochs; pass --epochs N "
-                         f"(more than {position['epoch'] - 1}) to train further")
-    model_cfg = ModelConfig.from_dict(last["model_config"])
-    dev, note = resolve_device(train_cfg.device)
-    if note:
-        console.print(note, highlight=False)
-    data = data_lib.load(from_dict(DataConfig, config["data"], "data"), model_cfg.tasks)
-    _check_geometry(model_cfg, data)
-    net = build_network(model_cfg)
-    net.load_state_dict(last["model"])
+    distributed.setup(device or train_cfg.device)
+    w = distributed.world()
+    console = console if w.is_main else Console(quiet=True)
+
+    def setup():
+        nonlocal train_cfg
+        last = runio.load_checkpoint(run / runio.LAST)
+        if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
+            raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its --epochs {train_cfg.epochs}; "
+                             "resume it without --epochs")
+        train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs, device=device or train_cfg.device)
+        position = last["position"]
+        if position["epoch"] > train_cfg.epochs:
+            raise UsageError(f"{run} has finished its {position['epoch'] - 1} epochs; pass --epochs N "
+                             f"(more than {position['epoch'] - 1}) to train further")
+        saved_world = position.get("world_size", 1)
+        if position["step"] and saved_world != w.size:
+            how = f"torchrun --nproc-per-node {saved_world} -m csnet" if saved_world > 1 else "csnet (without torchrun)"
+            raise UsageError(f"{run} stopped mid-epoch with {saved_world} process(es), and an epoch's shards depend "
+                             f"on their number; resume it with {how} train --resume {run}")
+        model_cfg = ModelConfig.from_dict(last["model_config"])
+        dev, note = resolve_device(train_cfg.device)
+        if note:
+            console.print(note, highlight=False)
+        data = data_lib.load(from_dict(DataConfig, config["data"], "data"), model_cfg.tasks)
+        _check_geometry(model_cfg, data)
+        net = build_network(model_cfg)
+        net.load_state_dict(last["model"])
+        return last, position, model_cfg, dev, data, net
+
+    last, position, model_cfg, dev, data, net = distributed.together(setup)
     config["train"] = asdict(train_cfg)
     config.setdefault("resumed", []).append({"epoch": position["epoch"], "step": position["step"],
-                                             "environment": runio.environment(dev)})
-    runio.write_json(run / runio.CONFIG, config)
+                                             "processes": w.size, "environment": runio.environment(dev)})
+    if w.is_main:
+        runio.write_json(run / runio.CONFIG, config)
     where = f"epoch {position['epoch']}" + (f", step {position['step']}" if position["step"] else "")
     console.print(f"resuming {run} at {where} of {train_cfg.epochs}, device {dev}", highlight=False)
-    return _fit(net, model_cfg, data, train_cfg, run, dev, console, quiet, last)
+    return _fit(net, model_cfg, data, train_cfg, run, dev, console, quiet or not w.is_main, last)
 
 
 def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,

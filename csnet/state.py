@@ -45,16 +45,23 @@ class StopRequest:
     """While active, the first SIGINT or SIGTERM only sets ``requested`` (the loop then saves and stops);
     a second one stops at once, leaving the files already written untouched."""
 
-    def __init__(self, on_second: str = ""):
+    def __init__(self, on_second: str = "", second_stops: bool = True, announce: bool = True):
         self.requested: str | None = None
         self._on_second = on_second
+        self._announce = announce
+        # Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by
+        # the launcher), so there a second signal cannot mean "now"; torchrun itself kills workers
+        # that have not stopped 30 s after it forwarded the signal.
+        self._second_stops = second_stops
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested is None:
-            self.requested = signal.Signals(signum).name
-            print(f"\n{self.requested}: finishing this batch, then saving a checkpoint "
-                  "(press Ctrl-C again to stop at once)", file=sys.stderr)
+        if self.requested is None or not self._second_stops:
+            if self.requested is None and self._announce:
+                again = " (press Ctrl-C again to stop at once)" if self._second_stops else ""
+                print(f"\n{signal.Signals(signum).name}: finishing this batch, then saving a checkpoint{again}",
+                      file=sys.stderr)
+            self.requested = self.requested or signal.Signals(signum).name
             return
         print(f"{signal.Signals(signum).name} again: stopping at once. {self._on_second}", file=sys.stderr)
         raise KeyboardInterrupt

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csnet import runio
-from csnet.data import MISSING_LABEL, Data, Split, batches
+from csnet import distributed, runio
+from csnet.data import MISSING_LABEL, Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
@@ -95,12 +95,14 @@ def deterministic_algorithms(on: bool):
 
 
 def resolve_device(name: str) -> tuple[torch.device, str | None]:
-    """Turn auto/cpu/cuda into a device once; the note says when auto fell back to the CPU."""
+    """Turn auto/cpu/cuda into a device once; the note says when auto fell back to the CPU.
+    Under torchrun each process takes the GPU of its local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", distributed.world().local_rank) if distributed.world().active \
+            else torch.device("cuda"), None
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), None
         return torch.device("cpu"), "no CUDA device found; training on the CPU"
     return torch.device(name), None
 
@@ -158,6 +160,12 @@ class _Tally:
     def add(self, task: str, loss_sum: torch.Tensor, correct: torch.Tensor, n: torch.Tensor) -> None:
         self.sums[task] += torch.stack([loss_sum.detach(), correct.float(), n.float()])
 
+    def reduce(self) -> "_Tally":
+        """Sum every rank's tallies (under torchrun); a no-op on one process."""
+        for s in self.sums.values():
+            distributed.sum_(s)
+        return self
+
     def result(self) -> dict[str, dict[str, float]]:
         out = {}
         for task, s in self.sums.items():
@@ -212,10 +220,13 @@ def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batc
     device = split.images.device
     batch_size = batch_size or eval_batch_size(device)
     tally = _Tally(net.tasks, device)
+    w = distributed.world()
+    if w.active:  # every rank evaluates every size-th sample; no sample is left out or counted twice
+        split = Split(split.images[w.rank::w.size], {t: y[w.rank::w.size] for t, y in split.labels.items()})
     for x, labels in batches(split, batch_size, mean=mean, std=std):
         for task, logits in forward(x).items():
             tally.add(task, *_task_terms(logits, labels[task]))
-    return tally.result()
+    return tally.reduce().result()
 
 
 def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, epoch: int, reporter: Reporter,
@@ -226,26 +237,29 @@ def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, ep
     """
     set_train_mode(net, cfg)
     forward = forward or net
-    tally = tally or _Tally(net.tasks, data.train.images.device)
+    device = data.train.images.device
+    tally = tally or _Tally(net.tasks, device)
     step = start_step
+    w = distributed.world()
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
-                             start=start_step * cfg.batch_size):
+                             start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
         loss = 0.0
         for task, logits in forward(x).items():
             loss_sum, correct, n = _task_terms(logits, labels[task])
             tally.add(task, loss_sum, correct, n)
             loss = loss + loss_sum / n.clamp_min(1)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                f"try a lower --lr (now {cfg.lr:g})")
+        # decided by all ranks together: one rank stopping alone would leave the others in a collective
+        if distributed.any_(not bool(torch.isfinite(loss)), device):
+            raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch}, step {step}"
+                                f"{' (on some rank)' if w.active else ''}; try a lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         reporter.step()
-        if stop.requested:
-            return None, step, tally
-    metrics = tally.result()
+        if distributed.any_(stop.requested is not None, device):
+            return None, step, tally.reduce()
+    metrics = tally.reduce().result()
     metrics["total"] = {"loss": sum(m["loss"] for t, m in metrics.items() if t != "mean" and not math.isnan(m["loss"]))}
     return metrics, step, tally
 
@@ -311,11 +325,19 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     which SIGINT/SIGTERM arrived. ``resume`` is such a last.pt, whose weights the
     caller has already loaded into ``net``.
     """
+    w = distributed.world()
+    main = w.is_main  # under torchrun only rank 0 writes the run folder
     net.to(device)
     data = data.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same batch order on every rank, cut into shards
     freeze(net, cfg)
-    forward = make_forward(net, cfg, device)
+    eval_forward = make_forward(net, cfg, device)
+    forward = eval_forward
+    if w.active:
+        # DDP averages gradients over ranks. Evaluation runs the plain module: DDP's forward would
+        # broadcast buffers, a collective, and ranks evaluate different numbers of batches.
+        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        forward = make_forward(ddp, cfg, device)
     opt = make_optimizer(net, cfg)
     sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_accuracy": -math.inf}
@@ -324,11 +346,16 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         opt.load_state_dict(resume["optimizer"])
         if sched is not None:
             sched.load_state_dict(resume["scheduler"])
-        restore_rng(resume["rng"], gen)
+        by_rank = resume.get("rng_by_rank") or []
+        restore_rng(by_rank[w.rank] if len(by_rank) == w.size else resume["rng"], gen)
+        if w.rank and len(by_rank) != w.size:
+            torch.manual_seed(cfg.seed + 1_000_003 * w.rank)
         epoch, step, best = resume["position"]["epoch"], resume["position"]["step"], resume["best"]
-        if resume.get("tally") is not None:
+        if resume.get("tally") is not None and main:  # the sum over all ranks; the others start at zero
             tally = _Tally(net.tasks, device)
             tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
+    elif w.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * w.rank)  # dropout masks differ between ranks
     norm = {"mean": data.mean, "std": data.std}
 
     def network() -> dict:
@@ -336,23 +363,29 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         return {"model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm}
 
     def checkpoint(position: dict, shuffle_state: torch.Tensor, partial: _Tally | None) -> None:
+        rngs = distributed.gather(capture_rng(gen, shuffle_state))  # every rank's dropout stream
+        if not main:
+            return
         runio.save_checkpoint(run / runio.LAST, {
             **network(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
-            "train_config": asdict(cfg), "best": best, "position": position,
+            "train_config": asdict(cfg), "best": best, "position": {**position, "world_size": w.size},
             "tally": {t: v.cpu() for t, v in partial.sums.items()} if partial else None,
-            "rng": capture_rng(gen, shuffle_state),
+            "rng": rngs[0], "rng_by_rank": rngs if w.active else None,
         })
 
     keep = epoch if resume is not None else None
-    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep)
-    alphas = runio.CsvAppender(run / runio.ALPHA, runio.ALPHA_FIELDS, keep) if net.units else None
+    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep) if main else None
+    alphas = runio.CsvAppender(run / runio.ALPHA, runio.ALPHA_FIELDS, keep) if net.units and main else None
     if alphas is not None and resume is None:
         alphas.rows(alpha_rows(net, 0))  # the initialisation, so trajectories start where training did
-    reporter.start(cfg.epochs - epoch + 1, math.ceil(len(data.train) / cfg.batch_size))
-    resume_hint = f"resume with: csnet train --resume {run}"
+    per_rank = shard_size(len(data.train), w.size)
+    reporter.start(cfg.epochs - epoch + 1, math.ceil(per_rank / cfg.batch_size))
+    resume_hint = (f"resume with: torchrun --nproc-per-node {w.size} (and the same node options) -m csnet train "
+                   f"--resume {run}" if w.active else f"resume with: csnet train --resume {run}")
     try:
-        with StopRequest(on_second=f"The last good checkpoint, {run / runio.LAST}, is untouched; {resume_hint}") as stop:
+        with StopRequest(on_second=f"The last good checkpoint, {run / runio.LAST}, is untouched; {resume_hint}",
+                         second_stops=not w.active, announce=main) as stop:
             while epoch <= cfg.epochs:
                 epoch_start = gen.get_state()  # batch order of this epoch, replayed on resume
                 resumed_at = step
@@ -366,36 +399,42 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                     raise NonFiniteLoss(f"{e}; {kept}") from None
                 if train is None:
                     checkpoint({"epoch": epoch, "step": step}, epoch_start, tally)
-                    raise Interrupted(f"by {stop.requested} at epoch {epoch}, step {step}; checkpoint saved in "
-                                      f"{run / runio.LAST}; {resume_hint}")
+                    raise Interrupted(f"by {stop.requested or 'a signal to another rank'} at epoch {epoch}, "
+                                      f"step {step}; checkpoint saved in {run / runio.LAST}; {resume_hint}")
                 train_time = time.perf_counter() - t0
-                done = len(data.train) - min(len(data.train), resumed_at * cfg.batch_size)  # a resumed epoch ran part
+                # examples of all ranks; a resumed epoch ran only part of the shard
+                done = (per_rank - min(per_rank, resumed_at * cfg.batch_size)) * w.size
                 train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
-                val = evaluate(net, data.val, mean=data.mean, std=data.std, forward=forward)
-                test = evaluate(net, data.test, mean=data.mean, std=data.std, forward=forward)
-                for split, values in (("train", train), ("val", val), ("test", test)):
-                    writer.write(epoch, split, values)
+                distributed.broadcast_buffers(net)  # rank 0's batch-norm statistics: the ones model.pt keeps
+                val = evaluate(net, data.val, mean=data.mean, std=data.std, forward=eval_forward)
+                test = evaluate(net, data.test, mean=data.mean, std=data.std, forward=eval_forward)
+                if main:
+                    for split, values in (("train", train), ("val", val), ("test", test)):
+                        writer.write(epoch, split, values)
                 if alphas is not None:
                     alphas.rows(alpha_rows(net, epoch))
                 if sched is not None:
                     sched.step()
                 if val["mean"]["accuracy"] > best["val_accuracy"]:
                     best = {"epoch": epoch, "val_accuracy": val["mean"]["accuracy"]}
-                    runio.save_checkpoint(run / runio.MODEL, {
-                        **network(), "epoch": epoch, "val_accuracy": best["val_accuracy"]})
+                    if main:
+                        runio.save_checkpoint(run / runio.MODEL, {
+                            **network(), "epoch": epoch, "val_accuracy": best["val_accuracy"]})
                 checkpoint({"epoch": epoch + 1, "step": 0}, gen.get_state(), None)
                 # the whole epoch: training, evaluation, metrics and checkpoints (the benchmark compares
                 # it with the training steps' "seconds")
-                writer.write(epoch, "train", {"all": {"epoch_seconds": time.perf_counter() - t0}})
+                if main:
+                    writer.write(epoch, "train", {"all": {"epoch_seconds": time.perf_counter() - t0}})
                 reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"]))
                 epoch, step, tally = epoch + 1, 0, None
-                if stop.requested and epoch <= cfg.epochs:
-                    raise Interrupted(f"by {stop.requested} after epoch {epoch - 1}; checkpoint saved in "
-                                      f"{run / runio.LAST}; {resume_hint}")
-        if net.units:
+                if distributed.any_(stop.requested is not None, device) and epoch <= cfg.epochs:
+                    raise Interrupted(f"by {stop.requested or 'a signal to another rank'} after epoch {epoch - 1}; "
+                                      f"checkpoint saved in {run / runio.LAST}; {resume_hint}")
+        if net.units and main:
             write_final_alpha(net, run / runio.ALPHA_FINAL)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if alphas is not None:
             alphas.close()
         reporter.close()

@@ -100,7 +100,7 @@ def test_second_sigint_stops_at_once_and_keeps_the_last_good_checkpoint(cli, ref
     assert code == 130
     assert "again: stopping at once" in err and "is untouched" in err
     assert (run / "last.pt").read_bytes() == saved["last"]  # epoch 1's checkpoint, byte for byte
-    assert torch.load(run / "last.pt", weights_only=True, map_location="cpu")["position"] == {"epoch": 2, "step": 0}
+    assert torch.load(run / "last.pt", weights_only=True, map_location="cpu")["position"] == {"epoch": 2, "step": 0, "world_size": 1}
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 

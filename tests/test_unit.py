@@ -77,3 +77,28 @@ def test_dict_in_dict_out():
 def test_wrong_number_of_inputs_is_refused():
     with pytest.raises(ValueError, match="2 tasks got 3"):
         CrossStitchUnit(2, 2)([torch.ones(1, 2)] * 3)
+
+
+@pytest.mark.parametrize("mode", ["channel", "layer"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (3, 4)])
+def test_unit_gradients_match_finite_differences(mode, shape):
+    """The unit's hand-written backward (weights and every input) against torch.autograd.gradcheck."""
+    torch.manual_seed(0)
+    unit = CrossStitchUnit(3, shape[1], mode=mode).double()
+    with torch.no_grad():
+        unit.weight.copy_(torch.randn_like(unit.weight))
+    xs = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    xs = [xs[0].contiguous(memory_format=torch.channels_last) if len(shape) == 4 else xs[0], *xs[1:]]
+
+    def f(w, *inputs):
+        return tuple(torch.func.functional_call(unit, {"weight": w}, (list(inputs),)))
+
+    w = unit.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (w, *xs))
+
+
+def test_unit_backward_skips_inputs_that_need_no_gradient():
+    unit = CrossStitchUnit(2, 3)
+    frozen, trained = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, requires_grad=True)
+    sum(o.sum() for o in unit([frozen, trained])).backward()
+    assert frozen.grad is None and trained.grad is not None and unit.weight.grad is not None
