@@ -14,7 +14,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch.distributed
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -461,12 +460,12 @@ def main(argv: list[str] | None = None) -> int:
             # print the message this rank keeps to itself
             time.sleep(3)
         return e.exit_code
-    except torch.distributed.DistError as e:
-        if _state["debug"]:
+    except RuntimeError as e:  # gloo and nccl report a lost peer as DistError or a plain RuntimeError
+        if _state["debug"] or not distributed.world().active:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: process {rank} lost contact with the others ({first}); "
-              "another process probably stopped first: see its message above", file=sys.stderr)
+        print(f"error: process {rank} stopped: {first} (when another process stopped first, its message "
+              "is above)", file=sys.stderr)
         return 1
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

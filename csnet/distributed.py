@@ -63,9 +63,11 @@ def setup(device: str) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {rank} wants GPU {local_rank}, but this node has "
-                             f"{torch.cuda.device_count()}; lower --nproc-per-node")
+        # checked against the node's process count, so every process (rank 0 too) refuses alike
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if per_node > torch.cuda.device_count():
+            raise UsageError(f"--nproc-per-node {per_node} wants one GPU per process, but this node has "
+                             f"{torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     _world = World(rank, size, local_rank)

@@ -145,10 +145,14 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimiz
         raise UsageError("nothing to train: --freeze-columns on a network without units (add --train-heads?)")
     # The fused kernels update every tensor in one pass instead of one pass per operation: on the
     # CPU the Adam step went from about 13 to 4 ms per batch of the Fashion pair (csnet bench).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, fused=fused or None)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
+    make = (lambda **kw: torch.optim.Adam(groups, lr=cfg.lr, **kw)) if cfg.optimizer == "adam" else \
+        (lambda **kw: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kw))
+    if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"]):
+        try:
+            return make(fused=True)
+        except (TypeError, RuntimeError):  # a torch older than 2.4 has no fused step for this optimizer or device
+            pass
+    return make()
 
 
 class _Tally:
@@ -251,8 +255,10 @@ def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, ep
             loss = loss + loss_sum / n.clamp_min(1)
         # decided by all ranks together: one rank stopping alone would leave the others in a collective
         if distributed.any_(not bool(torch.isfinite(loss)), device):
-            raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch}, step {step}"
-                                f"{' (on some rank)' if w.active else ''}; try a lower --lr (now {cfg.lr:g})")
+            losses = distributed.gather(loss.item())  # every rank is here: the decision was collective
+            bad = next(r for r, v in enumerate(losses) if not math.isfinite(v))
+            raise NonFiniteLoss(f"training loss became {losses[bad]} at epoch {epoch}, step {step}"
+                                f"{f' on rank {bad}' if w.active else ''}; try a lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -333,12 +339,12 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     freeze(net, cfg)
     eval_forward = make_forward(net, cfg, device)
     forward = eval_forward
+    opt = make_optimizer(net, cfg)  # before DDP, which refuses a module with nothing to train less clearly
     if w.active:
         # DDP averages gradients over ranks. Evaluation runs the plain module: DDP's forward would
         # broadcast buffers, a collective, and ranks evaluate different numbers of batches.
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         forward = make_forward(ddp, cfg, device)
-    opt = make_optimizer(net, cfg)
     sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_accuracy": -math.inf}
     epoch, step, tally = 1, 0, None
@@ -348,8 +354,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             sched.load_state_dict(resume["scheduler"])
         by_rank = resume.get("rng_by_rank") or []
         restore_rng(by_rank[w.rank] if len(by_rank) == w.size else resume["rng"], gen)
-        if w.rank and len(by_rank) != w.size:
-            torch.manual_seed(cfg.seed + 1_000_003 * w.rank)
+        if w.rank and len(by_rank) != w.size:  # another number of processes: fresh dropout streams
+            torch.manual_seed(cfg.seed + 1_000_003 * w.rank + 7_919 * resume["position"]["epoch"])
         epoch, step, best = resume["position"]["epoch"], resume["position"]["step"], resume["best"]
         if resume.get("tally") is not None and main:  # the sum over all ranks; the others start at zero
             tally = _Tally(net.tasks, device)

@@ -87,7 +87,7 @@ def test_a_stop_on_one_rank_stops_both_and_resume_matches_the_uninterrupted_run(
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_bad_input_under_torchrun_is_one_line_and_keeps_the_run(reference):
+def test_bad_input_under_torchrun_is_one_line_and_keeps_the_run(root, reference):
     run, _ = reference
     before = (run / "model.pt").read_bytes()
     done = torchrun("train", "--data-root", run.parent, *SMALL, "--out", run)
@@ -95,6 +95,10 @@ def test_bad_input_under_torchrun_is_one_line_and_keeps_the_run(reference):
     assert errors(done.stderr) == [f"error: --out {run} already holds a run; choose a new folder, pass --force to "
                                    f"replace it, or continue it with: csnet train --resume {run}"]
     assert (run / "model.pt").read_bytes() == before
+    done = torchrun("train", "--data-root", root, *SMALL, "--stitch", "none", "--freeze-columns",
+                    "--out", run.parent / "frozen")
+    assert errors(done.stderr) == ["error: nothing to train: --freeze-columns on a network without units "
+                                   "(add --train-heads?)"]
     done = torchrun("eval", run)
     assert errors(done.stderr) == ["error: csnet eval runs in one process; start it without torchrun "
                                    "(only train and pretrain run under torchrun)"]
