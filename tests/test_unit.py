@@ -80,15 +80,19 @@ def test_wrong_number_of_inputs_is_refused():
 
 
 @pytest.mark.parametrize("mode", ["channel", "layer"])
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (3, 4)])
-def test_unit_gradients_match_finite_differences(mode, shape):
-    """The unit's hand-written backward (weights and every input) against torch.autograd.gradcheck."""
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 5), "mixed"), ((3, 4, 5, 5), "channels_last"), ((3, 4), "rows")])
+def test_unit_gradients_match_finite_differences(mode, shape, layout):
+    """The unit's hand-written backward (weights and every input) against torch.autograd.gradcheck, on
+    (B, C, H, W) inputs in either memory format or a mix of them, and on (B, C) rows."""
     torch.manual_seed(0)
     unit = CrossStitchUnit(3, shape[1], mode=mode).double()
     with torch.no_grad():
         unit.weight.copy_(torch.randn_like(unit.weight))
-    xs = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    xs = [xs[0].contiguous(memory_format=torch.channels_last) if len(shape) == 4 else xs[0], *xs[1:]]
+    xs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    if layout != "rows":
+        xs = [x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" or k == 0 else x
+              for k, x in enumerate(xs)]
+    xs = [x.requires_grad_() for x in xs]
 
     def f(w, *inputs):
         return tuple(torch.func.functional_call(unit, {"weight": w}, (list(inputs),)))
