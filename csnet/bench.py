@@ -247,6 +247,25 @@ def epoch_overhead(train_size: int | None = None) -> dict:
             "train_steps_s": steps, "epoch_s": epoch, "epoch_over_steps": epoch / steps}
 
 
+# Issue 6's targets: (bound, whether the value must stay at or below it)
+TARGETS = {
+    "csnet_vs_straightforward": (1.25, False),
+    "fraction_of_flop_limit": (0.75, False),
+    "stitch_overhead_2": (0.05, True),
+    "stitch_overhead_8": (0.15, True),
+    "epoch_over_steps": (1.10, True),
+}
+
+
+def verdict(key: str, value) -> str:
+    """'≥ 1.25: met' and the like for a measure with a target, '' for the others."""
+    if key not in TARGETS or not isinstance(value, float):
+        return ""
+    bound, at_most = TARGETS[key]
+    met = value <= bound if at_most else value >= bound
+    return f"{'≤' if at_most else '≥'} {bound:g}: {'met' if met else 'NOT met'}"
+
+
 def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}"

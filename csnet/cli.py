@@ -371,7 +371,7 @@ def bench(
     straightforward implementation, against the machine's measured matmul peak (CPU)."""
     import csv as csv_lib
 
-    from csnet.bench import epoch_overhead, fmt, run
+    from csnet.bench import epoch_overhead, fmt, run, verdict
 
     out = runio.new_folder(out or default_out("bench"))
     results = run(examples, quick)
@@ -380,11 +380,13 @@ def bench(
     table = Table(title=f"csnet bench ({results['threads']} threads, data: {results['data']})")
     table.add_column("measure")
     table.add_column("value", justify="right")
+    table.add_column("target")
     for key, value in results.items():
-        table.add_row(key, fmt(value))
+        table.add_row(key, fmt(value), verdict(key, value))
     console.print(table)
     with open(out / "bench.csv", "w", newline="") as f:
-        csv_lib.writer(f).writerows([("measure", "value"), *results.items()])
+        csv_lib.writer(f).writerows([("measure", "value", "target"),
+                                     *((k, v, verdict(k, v)) for k, v in results.items())])
     console.print(f"written to {out / 'bench.csv'}", highlight=False)
 
 
