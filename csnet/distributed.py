@@ -104,8 +104,7 @@ def together(fn, *, main_only: bool = False):
         if failure is not None:
             raise failure
         return result
-    states: list = [None] * w.size
-    dist.all_gather_object(states, None if failure is None else (str(failure), failure.exit_code))
+    states = gather(None if failure is None else (str(failure), failure.exit_code))
     failed = [r for r, s in enumerate(states) if s is not None]
     if failed:
         if failure is not None and w.rank == failed[0]:
