@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from csnet import data as data_lib
+from csnet.models import native
 from csnet.models.network import ModelConfig, build_network, count_macs
 
 
@@ -198,7 +199,8 @@ def run(n: int = 4096, quick: bool = False) -> dict:
     torch.manual_seed(0)
     images, fine, folder = _fashion_or_synthetic(n)
     two = {"fine": fine, "coarse": data_lib.COARSE_OF_FINE[fine]}
-    r = {"data": str(folder) if folder else "synthetic", "threads": torch.get_num_threads()}
+    r = {"data": str(folder) if folder else "synthetic", "threads": torch.get_num_threads(),
+         "unit_kernel": native.status()}
     r["matmul_gflops"] = matmul_peak()
     stitched, _ = _net(2, "all")
     macs = count_macs(stitched, torch.zeros(1, 1, 28, 28))

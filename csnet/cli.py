@@ -23,7 +23,7 @@ from csnet.data import DATASETS, DataConfig, dataset_spec, model_input
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import BACKBONES, ModelConfig
 from csnet.runio import default_out, run_path
-from csnet.train import TrainConfig
+from csnet.train import TrainConfig, keep_freed_memory
 
 try:  # Typer 0.2x vendors Click and raises its own exception types
     from typer import TyperException as _ParseError
@@ -189,6 +189,7 @@ def _join(device: str) -> None:
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
     _state["debug"] = debug
+    keep_freed_memory()
 
 
 @app.command()

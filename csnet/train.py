@@ -208,6 +208,30 @@ def make_forward(net: CrossStitchNet, cfg: TrainConfig, device: torch.device):
     return forward
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every tensor above 128 KiB is its own mmap, returned at free, so each training
+    step of the Fashion pair took about 4,000 page faults (measured with getrusage) while it
+    allocated the same activations again; each fault zeroes a fresh 4 KiB page. With these two
+    settings the steps take none, and the stitched pair trains about 4% faster on 2 cores.
+    Freed memory stays in the process, so the peak RSS is unchanged. Process-wide, so only the
+    CLI calls it; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # 32 MiB is glibc's largest mmap threshold on 64-bit: a Fashion batch's biggest activation
+    # (128 x 32 x 28 x 28 floats) is 12.3 MiB; whole data sets still get their own mmap.
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def eval_batch_size(device: torch.device) -> int:
     """Batch size for evaluation. A GPU wants large batches (fewer launches). On the CPU small ones
     are faster: at 1,000 the Fashion convnet's activations (100 MB after the first conv) fall out

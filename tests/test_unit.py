@@ -106,3 +106,79 @@ def test_unit_backward_skips_inputs_that_need_no_gradient():
     frozen, trained = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, requires_grad=True)
     sum(o.sum() for o in unit([frozen, trained])).backward()
     assert frozen.grad is None and trained.grad is not None and unit.weight.grad is not None
+
+
+# ---------------------------------------------------------------- the compiled CPU kernel (native.py)
+
+from csnet.models import native  # noqa: E402
+from csnet.models.unit import _Mix  # noqa: E402
+
+LAYOUTS = {  # shape, memory format: (N, C, K) views the kernel walks, with channel counts and runs
+    "channels_last": ((6, 32, 5, 7), torch.channels_last),  # off the 16-wide vectors: K = 1, 2 full vectors
+    "channels_last_odd": ((3, 17, 4, 4), torch.channels_last),  # a 1-channel tail after a vector
+    "nchw": ((4, 6, 5, 7), torch.contiguous_format),  # runs of 35: 2 vectors and a 3-value tail
+    "rows": ((9, 1030), torch.contiguous_format),  # the fc unit: several channel blocks
+}
+
+
+def _run_mix(w, xs, grads):
+    w = w.detach().clone().requires_grad_()
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    outs = _Mix.apply(w, *xs)
+    torch.autograd.backward(outs, grads)
+    return outs, w.grad, [x.grad for x in xs]
+
+
+@pytest.mark.skipif(not native.sys.platform.startswith("linux") or not native.shutil.which("cc"),
+                    reason="the kernel is built with cc on Linux")
+def test_native_kernel_is_built_and_used_here():
+    # A compile error would otherwise pass unnoticed: the unit falls back to tensor ops.
+    x = torch.randn(2, 3)
+    assert native.usable(torch.ones(2, 2, 3), [x, x]), native.status()
+    assert native.status().startswith("native")
+
+
+@pytest.mark.parametrize("n_tasks", [2, 3, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["channel", "layer"])
+def test_native_kernel_matches_float64_sums(n_tasks, layout, mode):
+    """Outputs, weight gradients and input gradients of the float32 kernel against the same unit in
+    float64 (which takes the tensor-op path), with incoming gradients in the other memory format."""
+    shape, fmt = LAYOUTS[layout]
+    torch.manual_seed(0)
+    w = torch.randn((n_tasks, n_tasks, shape[1]) if mode == "channel" else (n_tasks, n_tasks))
+    xs = [torch.randn(shape).contiguous(memory_format=fmt) for _ in range(n_tasks)]
+    grads = [torch.randn(shape) for _ in range(n_tasks)]  # contiguous: converted by the kernel's caller
+    if not native.usable(w, xs):
+        pytest.skip(native.status())
+    outs, gw, gxs = _run_mix(w, xs, grads)
+    outs64, gw64, gxs64 = _run_mix(w.double(), [x.double() for x in xs], [g.double() for g in grads])
+    for got, want in zip([*outs, gw, *gxs], [*outs64, gw64, *gxs64]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert all(g.is_contiguous(memory_format=fmt) for g in [*outs, *gxs])
+
+
+def test_native_kernel_leaves_out_gradients_nobody_needs():
+    torch.manual_seed(0)
+    w = torch.randn(2, 2, 4)
+    frozen, trained = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2, requires_grad=True)
+    sum(o.sum() for o in _Mix.apply(w, frozen, trained)).backward()  # w needs no gradient either
+    assert frozen.grad is None and w.grad is None
+    torch.testing.assert_close(trained.grad, w[:, 1].sum(0).view(1, 4, 1, 1).expand(3, 4, 2, 2))
+
+
+@pytest.mark.parametrize("env,expect", [({"CSNET_NATIVE": "0"}, "turned off"),
+                                        ({"CC": "false"}, "false failed")])
+def test_without_the_kernel_the_unit_falls_back_to_tensor_ops(monkeypatch, tmp_path, env, expect):
+    monkeypatch.setenv("CSNET_CACHE", str(tmp_path))  # nothing cached: a broken compiler must be tried
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    native._load.cache_clear()
+    try:
+        assert native.status().startswith("PyTorch ops") and expect in native.status()
+        unit = CrossStitchUnit(2, 3, alpha=0.9, beta=0.1)
+        out_a, out_b = unit([torch.ones(2, 3), torch.zeros(2, 3)])
+        torch.testing.assert_close(out_b, torch.full((2, 3), 0.1))
+    finally:
+        native._load.cache_clear()

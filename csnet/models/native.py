@@ -1,0 +1,173 @@
+"""The cross-stitch unit's CPU kernel (mix.c), compiled with the system C compiler on first use.
+
+Why C: the unit is memory-bound. Written with tensor ops, every target task reads every
+source task, forward and backward, so T tasks cost T^2 passes over the activations; at
+8 tasks that made the stitched network 19% slower than its columns (issue 6: at most 15%).
+The kernel reads each input once and writes each output once.
+
+Why not a torch C++ extension: torch's headers take a minute to compile and need ninja;
+this file has no dependencies, compiles in under a second, and is called through ctypes
+with the tensors' data pointers. It runs its loops on the OpenMP thread pool torch
+already uses (libgomp.so.1, the library torch's Linux wheels load), so the two never
+compete for the cores.
+
+Used only where it applies: CPU float32 tensors, each task's activation contiguous in
+the same layout (NCHW, channels-last or (B, C) rows), at most ``MAX_TASKS`` tasks.
+Everything else (CUDA, bfloat16 autocast, float64 gradchecks, no compiler) takes the
+PyTorch path in unit.py, which computes the same sums. ``CSNET_NATIVE=0`` turns the
+kernel off; ``status()`` says which path is in use and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("mix.c")
+# -march=native: the library is built on the machine that runs it, and cached per CPU (below).
+# No -ffast-math: linked into a shared library it would switch the whole process to
+# flush-denormals-to-zero.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+MAX_TASKS = 16  # the backward keeps T^2 vector accumulators on each thread's stack
+
+_P = ctypes.c_void_p
+_L = ctypes.c_long
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CSNET_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return (Path(root) if root else Path.home() / ".cache") / "csnet"
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on: -march=native builds for this CPU's instruction set, and a
+    cache folder on a shared home directory may be read by machines with other CPUs."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _uses_libgomp() -> bool:
+    """True when this process already runs GNU OpenMP (torch's Linux wheels do), so the kernel's
+    ``-fopenmp`` resolves to the same runtime and thread pool instead of starting a second one."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("CSNET_NATIVE", "1") == "0":
+        return None, "turned off by CSNET_NATIVE=0"
+    if not sys.platform.startswith("linux"):
+        return None, f"not built on {sys.platform} (Linux only)"
+    torch.get_num_threads()  # makes sure torch's OpenMP runtime is loaded before we look for it
+    if not _uses_libgomp():
+        return None, "torch does not run GNU OpenMP (libgomp) in this process"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "no C compiler (cc) found"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    path = _cache_dir() / f"mix-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Compile to a private name, then rename: processes started together (torchrun) may
+            # all compile, and none may load a half-written file.
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                out = Path(tmp) / path.name
+                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)],
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                    return None, f"{compiler} failed: {first}"
+                os.replace(out, path)
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"could not build or load {path}: {e}"
+    lib.csnet_mix_forward.argtypes = [ctypes.c_int, _P, _P, _P, _L, _L, _L, ctypes.c_int]
+    lib.csnet_mix_backward.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
+    lib.csnet_mix_forward.restype = lib.csnet_mix_backward.restype = None
+    return lib, f"compiled C kernel ({path})"
+
+
+def status() -> str:
+    """Which implementation the unit uses on the CPU, and why (for the benchmark's report)."""
+    lib, why = _load()
+    return f"native: {why}" if lib else f"PyTorch ops: {why}"
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.memory_format, tuple[int, int, int]] | None:
+    """(memory format, (N, C, K)) when x is a dense array the kernel can walk, else None."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        b, c, h, w = x.shape
+        return torch.channels_last, (b * h * w, c, 1)
+    if x.dim() >= 2 and x.is_contiguous():
+        return torch.contiguous_format, (x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    return None
+
+
+def usable(w: torch.Tensor, xs) -> bool:
+    """Whether the kernel takes this call (see the module docstring), building it on first use."""
+    x0 = xs[0]
+    if not (x0.device.type == "cpu" and w.device.type == "cpu" and x0.dtype == torch.float32
+            and w.dtype == torch.float32 and len(xs) <= MAX_TASKS and _layout(x0) is not None):
+        return False
+    if any(x.shape != x0.shape or x.dtype != x0.dtype or x.device != x0.device for x in xs):
+        return False
+    return _load()[0] is not None
+
+
+def _ptrs(ts) -> ctypes.Array:
+    return (_P * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def _weights(w: torch.Tensor, channels: int) -> torch.Tensor:
+    """(T, T, C) contiguous weights: a per-layer (T, T) matrix repeated over the channels."""
+    return (w.unsqueeze(-1).expand(*w.shape, channels) if w.dim() == 2 else w).contiguous()
+
+
+def mix(w: torch.Tensor, xs) -> list[torch.Tensor]:
+    """``[sum_j w[i, j] * xs[j] for each i]``; w is (T, T, C) or (T, T). Call only when ``usable``."""
+    fmt, (n, c, k) = _layout(xs[0])
+    xs = [x.contiguous(memory_format=fmt) for x in xs]
+    outs = [torch.empty_like(xs[0], memory_format=fmt) for _ in xs]
+    w3 = _weights(w, c)
+    _load()[0].csnet_mix_forward(len(xs), _ptrs(xs), _ptrs(outs), w3.data_ptr(), n, c, k, torch.get_num_threads())
+    return outs
+
+
+def mix_backward(w: torch.Tensor, xs, grads, need_w: bool, need_x: bool):
+    """(grad of w, grads of xs) of ``mix``; either is None when not needed."""
+    fmt, (n, c, k) = _layout(xs[0])
+    xs = [x.contiguous(memory_format=fmt) for x in xs]
+    grads = [g.contiguous(memory_format=fmt) for g in grads]
+    grad_xs = [torch.empty_like(xs[0], memory_format=fmt) for _ in xs] if need_x else None
+    grad_w = torch.empty(len(xs), len(xs), c, dtype=torch.float64) if need_w else None
+    wt = _weights(w, c).transpose(0, 1).contiguous()
+    _load()[0].csnet_mix_backward(len(xs), _ptrs(grads), _ptrs(xs), _ptrs(grad_xs) if need_x else None,
+                                  grad_w.data_ptr() if need_w else None, wt.data_ptr(), n, c, k,
+                                  torch.get_num_threads())
+    if grad_w is not None:
+        grad_w = (grad_w.sum(-1) if w.dim() == 2 else grad_w).to(w.dtype)
+    return grad_w, grad_xs
