@@ -91,3 +91,86 @@ def test_config_round_trip_and_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UsageError, match="unknown model setting"):
         ModelConfig.from_dict({**cfg.to_dict(), "width": 3})
+
+
+# ---------------------------------------------------------------- conv blocks: batch norm -> pool -> ReLU fused
+
+from torch import nn  # noqa: E402
+
+from csnet.models import native  # noqa: E402
+
+
+def _block(c_in, c_out, momentum=0.1):
+    torch.manual_seed(0)
+    block = columns.ConvBlock(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, momentum=momentum),
+                              nn.MaxPool2d(2), nn.ReLU(inplace=True))
+    with torch.no_grad():  # away from the defaults, so a swapped scale and shift would show
+        block[1].weight.normal_(), block[1].bias.normal_()
+        block[1].running_mean.normal_(), block[1].running_var.uniform_(0.5, 2.0)
+    return block
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How often the fused kernel ran (the tests below must exercise it, not the fallback)."""
+    calls = []
+    original = native.bn_pool_relu
+    monkeypatch.setattr(native, "bn_pool_relu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen-norm", "momentum-none"])
+@pytest.mark.parametrize("size", [(12, 12), (13, 11)])  # odd sizes: the last row / column is pooled away
+def test_fused_conv_block_matches_its_layers_in_float64(mode, size, fused_calls):
+    """Output, every gradient (input, conv, batch-norm scale and shift) and the running statistics
+    of the fused float32 block against the same layers run one by one in float64."""
+    block = _block(3, 17, momentum=None if mode == "momentum-none" else 0.1)
+    reference = nn.Sequential(*[m for m in __import__("copy").deepcopy(block)]).double()
+    block.train(mode != "frozen-norm"), reference.train(mode != "frozen-norm")
+    x = torch.randn(6, 3, *size).contiguous(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_()
+    x.requires_grad_()
+    for _ in range(2):  # twice: the running statistics' update compounds
+        out, want = block(x), reference(x64)
+        grad = torch.randn_like(want)
+        out.backward(grad.float()), want.backward(grad)
+    if not native.pooled_maps_usable(torch.empty(1, 1, 2, 2).contiguous(memory_format=torch.channels_last)):
+        pytest.skip(native.status())
+    assert len(fused_calls) == 2
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # Errors relative to each tensor's largest value: float32 sums over a batch (torch's own conv
+    # backward among them) drift by a few 1e-5 on single large elements, and as far on the plain layers.
+    for got, ref in [(out, want), (x.grad, x64.grad), *[(p.grad, q.grad) for p, q in
+                                                       zip(block.parameters(), reference.parameters())]]:
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(block[1], name).double(), getattr(reference[1], name).double())
+
+
+def test_fused_conv_block_in_evaluation_and_on_nchw_maps(fused_calls):
+    block = _block(2, 16).eval()
+    reference = nn.Sequential(*list(block))  # the same modules, run one by one
+    x = torch.randn(4, 2, 8, 8)
+    with torch.inference_mode():
+        fused = block(x.contiguous(memory_format=torch.channels_last))
+        plain = block(x)  # NCHW: the layers in turn, not the kernel
+        want = reference(x)
+    assert len(fused_calls) == (1 if native.pooled_maps_usable(fused.new_empty(1, 1, 2, 2).contiguous(
+        memory_format=torch.channels_last)) else 0)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, want)
+
+
+def test_fused_conv_block_lets_nan_through():
+    # A diverging run must still show NaN (csnet stops on it), not a ReLU's zero.
+    block = _block(1, 16).eval()
+    x = torch.randn(2, 1, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(block(x)[0]).any()
+
+
+def test_convnet_state_dict_keys_are_those_of_plain_layers():
+    # Checkpoints written before the conv blocks were fused load unchanged.
+    keys = set(columns.convnet(10).state_dict())
+    assert {"stages.pool1.0.weight", "stages.pool1.1.running_var", "stages.pool2.1.num_batches_tracked"} <= keys

@@ -181,14 +181,19 @@ static void backward_run(int T, const float *const *gs, const float *const *xs, 
 }
 
 /* wt is w transposed (wt[j, i, c] = w[i, j, c]): the input gradient is the forward mix with it.
- * gxs or gw may be NULL when that gradient is not needed; gw is (T, T, C) double. */
+ * gxs or gw may be NULL when that gradient is not needed; gw is (T, T, C) double. Each thread
+ * sums its own rows, and the threads' sums are added in thread order, so a run repeats bit for
+ * bit with the same number of threads. */
 void csnet_mix_backward(int T, const float *const *gs, const float *const *xs, float *const *gxs, double *gw,
                         const float *wt, long N, long C, long K, int threads) {
   long TTC = (long)T * T * C;
-  if (gw) memset(gw, 0, TTC * sizeof(double));
+  double *tots = gw ? calloc((size_t)threads * TTC, sizeof(double)) : NULL;
+  int used = 1;
   #pragma omp parallel num_threads(threads)
   {
-    double *tot = gw ? calloc(TTC, sizeof(double)) : NULL;
+    double *tot = tots ? tots + omp_get_thread_num() * TTC : NULL;
+    #pragma omp single
+    used = omp_get_num_threads();
     if (K == 1) {
       float *part = gw ? calloc(TTC, sizeof(float)) : NULL;
       long n0, n1, cb = channel_block(T, C);
@@ -208,10 +213,11 @@ void csnet_mix_backward(int T, const float *const *gs, const float *const *xs, f
       for (long n = 0; n < N; n++)
         for (long c = 0; c < C; c++) backward_run(T, gs, xs, gxs, tot, wt, C, c, (n * C + c) * K, K);
     }
-    if (tot) {
-      #pragma omp critical
-      for (long q = 0; q < TTC; q++) gw[q] += tot[q];
-      free(tot);
-    }
+  }
+  if (gw) {
+    memset(gw, 0, TTC * sizeof(double));
+    for (int t = 0; t < used; t++)
+      for (long q = 0; q < TTC; q++) gw[q] += tots[t * TTC + q];
+    free(tots);
   }
 }

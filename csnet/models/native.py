@@ -1,9 +1,11 @@
-"""The cross-stitch unit's CPU kernel (mix.c), compiled with the system C compiler on first use.
+"""csnet's CPU kernels, compiled with the system C compiler on first use: the cross-stitch unit
+(mix.c) and the convnet column's batch norm -> max-pool -> ReLU (bnpool.c).
 
 Why C: the unit is memory-bound. Written with tensor ops, every target task reads every
 source task, forward and backward, so T tasks cost T^2 passes over the activations; at
 8 tasks that made the stitched network 19% slower than its columns (issue 6: at most 15%).
-The kernel reads each input once and writes each output once.
+The kernel reads each input once and writes each output once. bnpool.c says the same
+of the three layers after each conv of the Fashion column.
 
 Why not a torch C++ extension: torch's headers take a minute to compile and need ninja;
 this file has no dependencies, compiles in under a second, and is called through ctypes
@@ -11,11 +13,12 @@ with the tensors' data pointers. It runs its loops on the OpenMP thread pool tor
 already uses (libgomp.so.1, the library torch's Linux wheels load), so the two never
 compete for the cores.
 
-Used only where it applies: CPU float32 tensors, each task's activation contiguous in
-the same layout (NCHW, channels-last or (B, C) rows), at most ``MAX_TASKS`` tasks.
-Everything else (CUDA, bfloat16 autocast, float64 gradchecks, no compiler) takes the
-PyTorch path in unit.py, which computes the same sums. ``CSNET_NATIVE=0`` turns the
-kernel off; ``status()`` says which path is in use and why.
+Used only where they apply: CPU float32 tensors; for the unit, each task's activation
+contiguous in the same layout (NCHW, channels-last or (B, C) rows), at most ``MAX_TASKS``
+tasks; for batch norm -> pool -> ReLU, channels-last maps. Everything else (CUDA, bfloat16
+autocast, float64 gradchecks, no compiler) takes the PyTorch path, which computes the same
+values. ``CSNET_NATIVE=0`` turns the kernels off; ``status()`` says which path is in use
+and why.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("mix.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("mix.c", "bnpool.c"))
 # -march=native: the library is built on the machine that runs it, and cached per CPU (below).
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-denormals-to-zero.
@@ -85,10 +88,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, "no C compiler (cc) found"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"mix-{key}.so"
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES), " ".join(FLAGS).encode(),
+                                     compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    path = _cache_dir() / f"kernels-{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             # all compile, and none may load a half-written file.
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
-                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)],
+                done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
                                       capture_output=True, text=True)
                 if done.returncode:
                     first = (done.stderr.strip().splitlines() or ["no message"])[0]
@@ -107,12 +109,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"could not build or load {path}: {e}"
     lib.csnet_mix_forward.argtypes = [ctypes.c_int, _P, _P, _P, _L, _L, _L, ctypes.c_int]
     lib.csnet_mix_backward.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
-    lib.csnet_mix_forward.restype = lib.csnet_mix_backward.restype = None
+    lib.csnet_bn_stats.argtypes = [_P, _L, _L, _P, _P, ctypes.c_int]
+    lib.csnet_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
+    lib.csnet_bn_pool_relu_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _L, _L, _L, _L,
+                                                _P, _P, ctypes.c_int]
+    for f in ("csnet_mix_forward", "csnet_mix_backward", "csnet_bn_stats", "csnet_bn_pool_relu_forward",
+              "csnet_bn_pool_relu_backward"):
+        getattr(lib, f).restype = None
     return lib, f"compiled C kernel ({path})"
 
 
 def status() -> str:
-    """Which implementation the unit uses on the CPU, and why (for the benchmark's report)."""
+    """Which implementation the unit and the conv blocks use on the CPU, and why (for the benchmark's report)."""
     lib, why = _load()
     return f"native: {why}" if lib else f"PyTorch ops: {why}"
 
@@ -130,12 +138,19 @@ def _layout(x: torch.Tensor) -> tuple[torch.memory_format, tuple[int, int, int]]
 def usable(w: torch.Tensor, xs) -> bool:
     """Whether the kernel takes this call (see the module docstring), building it on first use."""
     x0 = xs[0]
-    if not (x0.device.type == "cpu" and w.device.type == "cpu" and x0.dtype == torch.float32
+    if _compiling() or not (x0.device.type == "cpu" and w.device.type == "cpu" and x0.dtype == torch.float32
             and w.dtype == torch.float32 and len(xs) <= MAX_TASKS and _layout(x0) is not None):
         return False
     if any(x.shape != x0.shape or x.dtype != x0.dtype or x.device != x0.device for x in xs):
         return False
     return _load()[0] is not None
+
+
+def _compiling() -> bool:
+    """Under torch.compile the tensor-op path runs: the compiler cannot trace into a ctypes call,
+    and generates its own fused loops from the ops."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
 
 
 def _ptrs(ts) -> ctypes.Array:
@@ -171,3 +186,57 @@ def mix_backward(w: torch.Tensor, xs, grads, need_w: bool, need_x: bool):
     if grad_w is not None:
         grad_w = (grad_w.sum(-1) if w.dim() == 2 else grad_w).to(w.dtype)
     return grad_w, grad_xs
+
+
+# ---------------------------------------------------------------- batch norm -> 2x2 max-pool -> ReLU
+
+def pooled_maps_usable(y: torch.Tensor) -> bool:
+    """Whether bnpool.c takes this conv output: CPU float32, (B, C, H, W) stored channels last."""
+    return (not _compiling() and y.device.type == "cpu" and y.dtype == torch.float32 and y.dim() == 4 and min(y.shape[2:]) >= 2
+            and y.is_contiguous(memory_format=torch.channels_last) and _load()[0] is not None)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector as the contiguous float32 array the kernel reads."""
+    return t.detach().to(torch.float32).contiguous()
+
+
+def channel_sums(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum and sum of squares (double) of a channels-last map."""
+    c = y.shape[1]
+    s, sq = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    _load()[0].csnet_bn_stats(y.data_ptr(), y.numel() // c, c, s.data_ptr(), sq.data_ptr(), torch.get_num_threads())
+    return s, sq
+
+
+def bn_pool_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep: bool):
+    """ReLU(2x2 max-pool(y * scale + shift)) per channel; with ``keep``, also what the backward pass
+    needs (each output's winning input, 0..3 or 4 where the ReLU zeroed it, and its raw value)."""
+    b, c, h, w = y.shape
+    out = torch.empty(b, c, h // 2, w // 2, memory_format=torch.channels_last)
+    winner = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last) if keep else None
+    picked = torch.empty_like(out) if keep else None
+    # Named, so that no tensor whose address the kernel reads is freed before the call.
+    scale, shift = _floats(scale), _floats(shift)
+    _load()[0].csnet_bn_pool_relu_forward(y.data_ptr(), out.data_ptr(), _ptr(winner), _ptr(picked),
+                                          scale.data_ptr(), shift.data_ptr(), b, h, w, c, torch.get_num_threads())
+    return out, winner, picked
+
+
+def bn_pool_relu_backward(grad_out, winner, picked, y, mean, invstd, gamma, batch_stats: bool):
+    """(grad of y, grad of gamma, grad of beta) of ``bn_pool_relu`` with batch norm's scale and shift
+    written out (mean, invstd: the statistics used; batch_stats: whether they came from this batch)."""
+    b, c, h, w = y.shape
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    dbeta, dgamma = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    mean, invstd, gamma = _floats(mean), _floats(invstd), _floats(gamma)
+    _load()[0].csnet_bn_pool_relu_backward(
+        grad_out.data_ptr(), winner.data_ptr(), picked.data_ptr(), y.data_ptr(), dy.data_ptr(),
+        mean.data_ptr(), invstd.data_ptr(), gamma.data_ptr(), int(batch_stats), b, h, w, c,
+        dbeta.data_ptr(), dgamma.data_ptr(), torch.get_num_threads())
+    return dy, dgamma.float(), dbeta.float()
