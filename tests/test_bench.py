@@ -73,3 +73,15 @@ for _ in range(3):
                    for mode in ("default", "keep")}
     assert handed_back["default"][0] >= 10
     assert handed_back["keep"] == [0, 0, 0]
+
+
+def test_epoch_overhead_reads_each_epoch_of_a_real_run(data_root, monkeypatch):
+    from csnet.bench import epoch_overhead
+
+    monkeypatch.setenv("CSNET_DATA_ROOT", str(data_root))
+    r = epoch_overhead(("--train-size", "256", "--val-size", "128", "--test-size", "128"), epochs=2)
+    assert "epoch_run" not in r, r
+    ratios = [float(v) for v in r["epoch_over_steps_all"].split(" / ")]
+    assert len(ratios) == 2 and all(v > 1 for v in ratios)  # an epoch is more than its training steps
+    assert r["epoch_over_steps"] == pytest.approx(min(ratios), abs=1e-3)
+    assert r["epoch_s"] > r["train_steps_s"] > 0 and r["peak_rss_mib"] > 100
