@@ -19,8 +19,6 @@
  * Sums are double. Each thread sums its own rows and the threads' sums are added in thread
  * order, so a run repeats bit for bit with the same number of threads.
  */
-#include <math.h>
-#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -33,10 +31,10 @@ static void share(long R, long *r0, long *r1) {
   *r1 = *r0 + per + (t < extra);
 }
 
-/* Per-channel sum and sum of squares of y, viewed as (M, C). */
+/* Per-channel sum and sum of squares of y, viewed as (M, C). parts: threads x 2C zeroed doubles
+ * from the caller (so that running out of memory is a Python error), the threads' own sums. */
 void csnet_bn_stats(const float *restrict y, long M, long C, double *restrict sum, double *restrict sumsq,
-                    int threads) {
-  double *parts = calloc((size_t)threads * 2 * C, sizeof(double));
+                    double *restrict parts, int threads) {
   int used = 1;
   #pragma omp parallel num_threads(threads)
   {
@@ -61,7 +59,6 @@ void csnet_bn_stats(const float *restrict y, long M, long C, double *restrict su
       sum[c] += parts[(long)t * 2 * C + c];
       sumsq[c] += parts[(long)t * 2 * C + C + c];
     }
-  free(parts);
 }
 
 /* One output pixel's C channels from its window's four input pixels p0..p3. Written as selects,
@@ -126,15 +123,16 @@ void csnet_bn_pool_relu_forward(const float *restrict y, float *restrict out, un
 /* Gradient of the forward pass. gout, winner, picked: (B, H/2, W/2, C); y, dy: (B, H, W, C).
  * With batch statistics (batch_stats != 0) dy carries batch norm's two mean terms; with running
  * statistics (a frozen norm) it is dz * gamma * invstd alone. Returns, per channel,
- * dbeta = sum of dz and dgamma = sum of dz * xhat, where dz is the gradient at batch norm's output. */
+ * dbeta = sum of dz and dgamma = sum of dz * xhat, where dz is the gradient at batch norm's output.
+ * Scratch from the caller: parts (threads x 2C zeroed doubles) and coef (3C floats). */
 void csnet_bn_pool_relu_backward(const float *restrict gout, const unsigned char *restrict winner,
                                  const float *restrict picked, const float *restrict y, float *restrict dy,
                                  const float *restrict mean, const float *restrict invstd,
                                  const float *restrict gamma, int batch_stats, long B, long H, long W, long C,
-                                 double *restrict dbeta, double *restrict dgamma, int threads) {
+                                 double *restrict dbeta, double *restrict dgamma, double *restrict parts,
+                                 float *restrict coef, int threads) {
   long OH = H / 2, OW = W / 2, M = B * H * W;
-  double *parts = calloc((size_t)threads * 2 * C, sizeof(double));
-  float *a = malloc(C * sizeof(float)), *mdz = malloc(C * sizeof(float)), *mdzx = malloc(C * sizeof(float));
+  float *a = coef, *mdz = coef + C, *mdzx = coef + 2 * C;
   int used = 1;
   #pragma omp parallel num_threads(threads)
   {
@@ -185,8 +183,4 @@ void csnet_bn_pool_relu_backward(const float *restrict gout, const unsigned char
       }
     }
   }
-  free(parts);
-  free(a);
-  free(mdz);
-  free(mdzx);
 }

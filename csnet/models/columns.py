@@ -42,7 +42,6 @@ class _BNPoolReLU(torch.autograd.Function):
         out, winner, picked = native.bn_pool_relu(y, scale, beta - mean * scale, keep=True)
         ctx.save_for_backward(y, winner, picked, mean, invstd, gamma)
         ctx.batch_stats = batch_stats
-        ctx.mark_non_differentiable(winner, picked)
         return out
 
     @staticmethod
@@ -77,8 +76,8 @@ class ConvBlock(nn.Sequential):
         conv, bn = self[0], self[1]
         y = conv(x)
         batch_stats = bn.training
-        count = y.numel() // y.shape[1] if y.dim() == 4 else 0
-        if not native.pooled_maps_usable(y) or (batch_stats and count < 2):
+        count = y.numel() // y.shape[1] if y.dim() == 4 and y.shape[1] else 0
+        if not native.pooled_maps_usable(y) or count < (2 if batch_stats else 1):
             return self[3](self[2](bn(y)))  # what nn.Sequential does, errors included
         if batch_stats:
             total, squares = native.channel_sums(y)

@@ -16,7 +16,6 @@
  * Vectors are GCC/Clang vector extensions of 16 floats: the compiler maps them to one
  * AVX-512 register, two AVX2 ones or four NEON ones, whatever -march=native finds.
  */
-#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -183,19 +182,20 @@ static void backward_run(int T, const float *const *gs, const float *const *xs, 
 /* wt is w transposed (wt[j, i, c] = w[i, j, c]): the input gradient is the forward mix with it.
  * gxs or gw may be NULL when that gradient is not needed; gw is (T, T, C) double. Each thread
  * sums its own rows, and the threads' sums are added in thread order, so a run repeats bit for
- * bit with the same number of threads. */
+ * bit with the same number of threads. The caller passes the threads' zeroed sums (tots,
+ * threads x T x T x C doubles, and parts, as many floats) so that running out of memory is a
+ * Python error, not a crash here. */
 void csnet_mix_backward(int T, const float *const *gs, const float *const *xs, float *const *gxs, double *gw,
-                        const float *wt, long N, long C, long K, int threads) {
+                        const float *wt, long N, long C, long K, double *tots, float *parts, int threads) {
   long TTC = (long)T * T * C;
-  double *tots = gw ? calloc((size_t)threads * TTC, sizeof(double)) : NULL;
   int used = 1;
   #pragma omp parallel num_threads(threads)
   {
-    double *tot = tots ? tots + omp_get_thread_num() * TTC : NULL;
+    double *tot = gw ? tots + omp_get_thread_num() * TTC : NULL;
     #pragma omp single
     used = omp_get_num_threads();
     if (K == 1) {
-      float *part = gw ? calloc(TTC, sizeof(float)) : NULL;
+      float *part = gw ? parts + omp_get_thread_num() * TTC : NULL;
       long n0, n1, cb = channel_block(T, C);
       thread_rows(N, &n0, &n1);
       for (long c0 = 0; c0 < C; c0 += cb) {
@@ -207,7 +207,6 @@ void csnet_mix_backward(int T, const float *const *gs, const float *const *xs, f
               for (long c = c0; c < c1; c++) { tot[q * C + c] += part[q * C + c]; part[q * C + c] = 0.f; }
         }
       }
-      free(part);
     } else {
       #pragma omp for collapse(2) schedule(static)
       for (long n = 0; n < N; n++)
@@ -218,6 +217,5 @@ void csnet_mix_backward(int T, const float *const *gs, const float *const *xs, f
     memset(gw, 0, TTC * sizeof(double));
     for (int t = 0; t < used; t++)
       for (long q = 0; q < TTC; q++) gw[q] += tots[t * TTC + q];
-    free(tots);
   }
 }

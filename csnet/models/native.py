@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -85,11 +86,17 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     torch.get_num_threads()  # makes sure torch's OpenMP runtime is loaded before we look for it
     if not _uses_libgomp():
         return None, "torch does not run GNU OpenMP (libgomp) in this process"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         return None, "no C compiler (cc) found"
+    try:  # GCC's -fopenmp links libgomp, torch's runtime; clang's would bring a second one (libomp)
+        banner = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError as e:
+        return None, f"cannot run {' '.join(compiler)}: {e}"
+    if "Free Software Foundation" not in banner:
+        return None, f"{' '.join(compiler)} is not GCC (its OpenMP runtime would not be torch's libgomp)"
     key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES), " ".join(FLAGS).encode(),
-                                     compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+                                     banner.encode(), _cpu_signature().encode()])).hexdigest()[:16]
     path = _cache_dir() / f"kernels-{key}.so"
     try:
         if not path.exists():
@@ -98,21 +105,21 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             # all compile, and none may load a half-written file.
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
-                done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
+                done = subprocess.run([*compiler, *FLAGS, *map(str, SOURCES), "-o", str(out)],
                                       capture_output=True, text=True)
                 if done.returncode:
                     first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                    return None, f"{compiler} failed: {first}"
+                    return None, f"{' '.join(compiler)} failed: {first}"
                 os.replace(out, path)
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"could not build or load {path}: {e}"
     lib.csnet_mix_forward.argtypes = [ctypes.c_int, _P, _P, _P, _L, _L, _L, ctypes.c_int]
-    lib.csnet_mix_backward.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _L, _L, _L, ctypes.c_int]
-    lib.csnet_bn_stats.argtypes = [_P, _L, _L, _P, _P, ctypes.c_int]
+    lib.csnet_mix_backward.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, ctypes.c_int]
+    lib.csnet_bn_stats.argtypes = [_P, _L, _L, _P, _P, _P, ctypes.c_int]
     lib.csnet_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.csnet_bn_pool_relu_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _L, _L, _L, _L,
-                                                _P, _P, ctypes.c_int]
+                                                _P, _P, _P, _P, ctypes.c_int]
     for f in ("csnet_mix_forward", "csnet_mix_backward", "csnet_bn_stats", "csnet_bn_pool_relu_forward",
               "csnet_bn_pool_relu_backward"):
         getattr(lib, f).restype = None
@@ -180,9 +187,12 @@ def mix_backward(w: torch.Tensor, xs, grads, need_w: bool, need_x: bool):
     grad_xs = [torch.empty_like(xs[0], memory_format=fmt) for _ in xs] if need_x else None
     grad_w = torch.empty(len(xs), len(xs), c, dtype=torch.float64) if need_w else None
     wt = _weights(w, c).transpose(0, 1).contiguous()
+    threads = torch.get_num_threads()
+    # the threads' own weight-gradient sums (double, and float for the row blocks of K = 1)
+    scratch = threads * len(xs) ** 2 * c if need_w else 0
+    tots, parts = torch.zeros(scratch, dtype=torch.float64), torch.zeros(scratch if k == 1 else 0)
     _load()[0].csnet_mix_backward(len(xs), _ptrs(grads), _ptrs(xs), _ptrs(grad_xs) if need_x else None,
-                                  grad_w.data_ptr() if need_w else None, wt.data_ptr(), n, c, k,
-                                  torch.get_num_threads())
+                                  _ptr(grad_w), wt.data_ptr(), n, c, k, tots.data_ptr(), parts.data_ptr(), threads)
     if grad_w is not None:
         grad_w = (grad_w.sum(-1) if w.dim() == 2 else grad_w).to(w.dtype)
     return grad_w, grad_xs
@@ -207,9 +217,10 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
 
 def channel_sums(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum and sum of squares (double) of a channels-last map."""
-    c = y.shape[1]
+    c, threads = y.shape[1], torch.get_num_threads()
     s, sq = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-    _load()[0].csnet_bn_stats(y.data_ptr(), y.numel() // c, c, s.data_ptr(), sq.data_ptr(), torch.get_num_threads())
+    parts = torch.zeros(threads * 2 * c, dtype=torch.float64)
+    _load()[0].csnet_bn_stats(y.data_ptr(), y.numel() // c, c, s.data_ptr(), sq.data_ptr(), parts.data_ptr(), threads)
     return s, sq
 
 
@@ -235,8 +246,10 @@ def bn_pool_relu_backward(grad_out, winner, picked, y, mean, invstd, gamma, batc
     dy = torch.empty_like(y, memory_format=torch.channels_last)
     dbeta, dgamma = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
     mean, invstd, gamma = _floats(mean), _floats(invstd), _floats(gamma)
+    threads = torch.get_num_threads()
+    parts, coef = torch.zeros(threads * 2 * c, dtype=torch.float64), torch.empty(3 * c)
     _load()[0].csnet_bn_pool_relu_backward(
         grad_out.data_ptr(), winner.data_ptr(), picked.data_ptr(), y.data_ptr(), dy.data_ptr(),
         mean.data_ptr(), invstd.data_ptr(), gamma.data_ptr(), int(batch_stats), b, h, w, c,
-        dbeta.data_ptr(), dgamma.data_ptr(), torch.get_num_threads())
+        dbeta.data_ptr(), dgamma.data_ptr(), parts.data_ptr(), coef.data_ptr(), threads)
     return dy, dgamma.float(), dbeta.float()

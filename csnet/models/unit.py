@@ -80,7 +80,8 @@ class _Mix(torch.autograd.Function):
         if needs_w:
             # dL/dw[i, j, c] = sum over batch and positions of g_i * x_j
             dims = [d for d in range(xs[0].dim()) if w.dim() == 2 or d != 1]
-            grad_w = torch.stack([torch.stack([(g * x).sum(dims, dtype=torch.float32) for x in xs])
+            acc = torch.promote_types(xs[0].dtype, torch.float32)  # bfloat16 under autocast sums in float32
+            grad_w = torch.stack([torch.stack([(g * x).sum(dims, dtype=acc) for x in xs])
                                   for g in grads]).to(w.dtype)
         # dL/dx_j = sum_i w[i, j] * g_i: the same mix with the matrix transposed
         grad_xs = _mix(w.transpose(0, 1), grads) if any(needs_x) else [None] * len(xs)
