@@ -188,3 +188,12 @@ def test_without_the_kernel_the_unit_falls_back_to_tensor_ops(monkeypatch, tmp_p
         torch.testing.assert_close(out_b, torch.full((2, 3), 0.1))
     finally:
         native._load.cache_clear()
+
+
+def test_kernels_switched_off_inside_off():
+    # csnet bench measures both paths in one process with this switch.
+    x = torch.randn(2, 3)
+    with native.off():
+        assert not native.usable(torch.ones(2, 2, 3), [x, x])
+        assert not native.pooled_maps_usable(torch.randn(1, 2, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert native.usable(torch.ones(2, 2, 3), [x, x]) == native.status().startswith("native")

@@ -23,6 +23,7 @@ and why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -145,12 +146,24 @@ def _layout(x: torch.Tensor) -> tuple[torch.memory_format, tuple[int, int, int]]
 def usable(w: torch.Tensor, xs) -> bool:
     """Whether the kernel takes this call (see the module docstring), building it on first use."""
     x0 = xs[0]
-    if _compiling() or not (x0.device.type == "cpu" and w.device.type == "cpu" and x0.dtype == torch.float32
-            and w.dtype == torch.float32 and len(xs) <= MAX_TASKS and _layout(x0) is not None):
+    if _switched_off or _compiling() or len(xs) > MAX_TASKS or _layout(x0) is None:
         return False
-    if any(x.shape != x0.shape or x.dtype != x0.dtype or x.device != x0.device for x in xs):
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (w, *xs)):
         return False
-    return _load()[0] is not None
+    return all(x.shape == x0.shape for x in xs) and _load()[0] is not None
+
+
+_switched_off = []  # non-empty inside ``off()``
+
+
+@contextlib.contextmanager
+def off():
+    """Run the PyTorch path inside this block (the benchmark compares the two in one process)."""
+    _switched_off.append(True)
+    try:
+        yield
+    finally:
+        _switched_off.pop()
 
 
 def _compiling() -> bool:
@@ -202,7 +215,8 @@ def mix_backward(w: torch.Tensor, xs, grads, need_w: bool, need_x: bool):
 
 def pooled_maps_usable(y: torch.Tensor) -> bool:
     """Whether bnpool.c takes this conv output: CPU float32, (B, C, H, W) stored channels last."""
-    return (not _compiling() and y.device.type == "cpu" and y.dtype == torch.float32 and y.dim() == 4 and min(y.shape[2:]) >= 2
+    return (not _switched_off and not _compiling() and y.device.type == "cpu" and y.dtype == torch.float32
+            and y.dim() == 4 and min(y.shape[2:]) >= 2
             and y.is_contiguous(memory_format=torch.channels_last) and _load()[0] is not None)
 
 
