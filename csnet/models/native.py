@@ -51,8 +51,10 @@ _L = ctypes.c_long
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("CSNET_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return (Path(root) if root else Path.home() / ".cache") / "csnet"
+    """$CSNET_CACHE, else $XDG_CACHE_HOME/csnet, else ~/.cache/csnet."""
+    if os.environ.get("CSNET_CACHE"):
+        return Path(os.environ["CSNET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "csnet"
 
 
 def _cpu_signature() -> str:
