@@ -31,6 +31,18 @@ static void share(long R, long *r0, long *r1) {
   *r1 = *r0 + per + (t < extra);
 }
 
+/* first[c], second[c] = the threads' two per-channel sums (parts: used x 2C), added in thread order. */
+static void add_in_order(const double *restrict parts, int used, long C, double *restrict first,
+                         double *restrict second) {
+  memset(first, 0, C * sizeof(double));
+  memset(second, 0, C * sizeof(double));
+  for (int t = 0; t < used; t++)
+    for (long c = 0; c < C; c++) {
+      first[c] += parts[(long)t * 2 * C + c];
+      second[c] += parts[(long)t * 2 * C + C + c];
+    }
+}
+
 /* Per-channel sum and sum of squares of y, viewed as (M, C). parts: threads x 2C zeroed doubles
  * from the caller (so that running out of memory is a Python error), the threads' own sums. */
 void csnet_bn_stats(const float *restrict y, long M, long C, double *restrict sum, double *restrict sumsq,
@@ -52,13 +64,7 @@ void csnet_bn_stats(const float *restrict y, long M, long C, double *restrict su
       }
     }
   }
-  memset(sum, 0, C * sizeof(double));
-  memset(sumsq, 0, C * sizeof(double));
-  for (int t = 0; t < used; t++)
-    for (long c = 0; c < C; c++) {
-      sum[c] += parts[(long)t * 2 * C + c];
-      sumsq[c] += parts[(long)t * 2 * C + C + c];
-    }
+  add_in_order(parts, used, C, sum, sumsq);
 }
 
 /* One output pixel's C channels from its window's four input pixels p0..p3. Written as selects,
@@ -153,13 +159,7 @@ void csnet_bn_pool_relu_backward(const float *restrict gout, const unsigned char
     #pragma omp barrier
     #pragma omp single
     {
-      memset(dbeta, 0, C * sizeof(double));
-      memset(dgamma, 0, C * sizeof(double));
-      for (int t = 0; t < used; t++)
-        for (long c = 0; c < C; c++) {
-          dbeta[c] += parts[(long)t * 2 * C + c];
-          dgamma[c] += parts[(long)t * 2 * C + C + c];
-        }
+      add_in_order(parts, used, C, dbeta, dgamma);
       for (long c = 0; c < C; c++) {
         a[c] = gamma[c] * invstd[c];
         mdz[c] = batch_stats ? (float)(dbeta[c] / M) : 0.f;
