@@ -144,15 +144,16 @@ def _dataloader_timer(net, folder: Path | None, n: int, batch: int, warmup: int 
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     if folder is not None:
-        # torchvision reads the uncompressed IDX files from ROOT/FashionMNIST/raw
-        root = Path(tempfile.mkdtemp(prefix="csnet-bench-"))
-        raw = root / "FashionMNIST" / "raw"
-        raw.mkdir(parents=True)
-        for path in data_lib.locate(data_lib.DATASETS["fashion"]).values():
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as f:
-                (raw / path.name.removesuffix(".gz")).write_bytes(f.read())
-        dataset = torchvision.datasets.FashionMNIST(str(root), train=True, transform=tf)
+        # torchvision reads the uncompressed IDX files from ROOT/FashionMNIST/raw, all of them into
+        # memory when the data set is built, so the folder can go right after
+        with tempfile.TemporaryDirectory(prefix="csnet-bench-") as root:
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True)
+            for path in data_lib.locate(data_lib.DATASETS["fashion"]).values():
+                opener = gzip.open if path.suffix == ".gz" else open
+                with opener(path, "rb") as f:
+                    (raw / path.name.removesuffix(".gz")).write_bytes(f.read())
+            dataset = torchvision.datasets.FashionMNIST(root, train=True, transform=tf)
     else:
         dataset = torchvision.datasets.FakeData(n, (1, 28, 28), 10, transform=transforms.ToTensor())
     subset = torch.utils.data.Subset(dataset, range(n))

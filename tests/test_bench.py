@@ -1,5 +1,7 @@
 """The benchmark compares like with like: its straightforward network computes what csnet's does."""
 
+import tempfile
+
 import pandas as pd
 import pytest
 import torch
@@ -22,8 +24,12 @@ def test_bench_command_writes_its_table(cli, tmp_path, monkeypatch):
     import csnet.bench as bench
 
     monkeypatch.setattr(bench, "matmul_peak", lambda seconds=2.0: matmul_peak(0.05))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code, out, err = cli("bench", "--quick", "--examples", "256", "--out", tmp_path / "b")
     assert code == 0, err
+    assert list(scratch.iterdir()) == []  # the DataLoader's copy of the IDX files is gone
     table = pd.read_csv(tmp_path / "b" / "bench.csv").set_index("measure")
     rows = table.value.to_dict()
     for key in ("matmul_gflops", "unstitched", "csnet", "straightforward", "csnet_vs_straightforward",
