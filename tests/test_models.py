@@ -174,3 +174,15 @@ def test_convnet_state_dict_keys_are_those_of_plain_layers():
     # Checkpoints written before the conv blocks were fused load unchanged.
     keys = set(columns.convnet(10).state_dict())
     assert {"stages.pool1.0.weight", "stages.pool1.1.running_var", "stages.pool2.1.num_batches_tracked"} <= keys
+
+
+def test_a_forward_hook_on_a_fused_layer_still_sees_it_run(fused_calls):
+    # Reading activations with hooks is common in analysis code; the kernel would skip them silently.
+    block = _block(2, 16).eval()
+    seen = []
+    block[1].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(2, 2, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = block(x)
+    assert seen == [torch.Size([2, 16, 8, 8])] and fused_calls == []
+    assert out.shape == (2, 16, 4, 4)

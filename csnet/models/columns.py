@@ -53,16 +53,26 @@ class _BNPoolReLU(torch.autograd.Function):
         return dy, dgamma, dbeta, None, None, None
 
 
+def _hooked(modules) -> bool:
+    """Whether a forward hook would see these modules run (a user reading activations): then they
+    must run one by one, since a fused kernel never calls them."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+
+
 class ConvBlock(nn.Sequential):
     """Conv -> batch norm -> 2x2 max-pool -> ReLU (the Fashion column's conv blocks), an
     ``nn.Sequential`` whose last three layers run as one compiled kernel (bnpool.c) on
     channels-last float32 maps on the CPU: they were 17 of the 92 ms of a training step of the
-    Fashion pair. Anywhere else (CUDA, NCHW, bfloat16, no C compiler) it runs its layers in
-    turn. Same modules and state-dict keys either way, and the same batch-norm bookkeeping
+    Fashion pair. Anywhere else (CUDA, NCHW, bfloat16, no C compiler, a forward hook on one of
+    the three) it runs its layers in turn. Same modules and state-dict keys either way, and the same batch-norm bookkeeping
     (running statistics with ``momentum``, ``num_batches_tracked``, eval mode)."""
 
     def _fused(self) -> bool:
-        if len(self) != 4:
+        if len(self) != 4 or _hooked(self[1:]):
             return False
         conv, bn, pool, relu = self
         return (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
