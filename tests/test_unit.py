@@ -164,7 +164,7 @@ def test_native_kernel_leaves_out_gradients_nobody_needs(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(2, 2, 4)
     frozen, trained = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2, requires_grad=True)
-    grads = [torch.randn(3, 4, 2, 2) for _ in range(2)]  # dense: o.sum()'s would be stride-0 views
+    grads = [torch.randn(3, 4, 2, 2), torch.ones(1, 1, 1, 1).expand(3, 4, 2, 2)]  # dense, and stride 0 as o.sum() gives
     calls = []
     original = native.mix_backward
     monkeypatch.setattr(native, "mix_backward", lambda *a: calls.append(a[3:]) or original(*a))

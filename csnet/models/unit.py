@@ -73,7 +73,7 @@ class _Mix(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         w, *xs = ctx.saved_tensors
         needs_w, needs_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1:]
-        if native.usable(w, xs) and native.usable(w, grads):
+        if native.usable(w, xs):  # the gradients match the outputs' dtype and device; any layout will do
             grad_w, grad_xs = native.mix_backward(w, xs, grads, needs_w, any(needs_x))
             return (grad_w, *[g if need else None for g, need in zip(grad_xs or [None] * len(xs), needs_x)])
         grad_w = None
