@@ -1,4 +1,4 @@
-/* Batch norm -> 2x2 max-pool -> ReLU in one pass, for the convnet column's conv blocks
+/* Batch norm -> 2x2 max-pool -> ReLU fused, for the convnet column's conv blocks
  * (csnet/models/columns.py, the Fashion-MNIST column of CONTEXT.md's experiment 1), on
  * channels-last float32 maps on the CPU. csnet/models/native.py compiles and loads it.
  *
@@ -8,8 +8,8 @@
  * statistics, normalise, pool, pool's backward zero-fill and scatter, batch-norm backward's
  * two reductions and its output) and keep int64 pool indices. Here the forward pass reads
  * the conv output twice (statistics, then normalise + pool + ReLU) and writes a quarter-size
- * output; the backward pass reads quarter-size arrays once, then reads the conv output and
- * writes its gradient once.
+ * output (plus a byte and a float per output for the backward pass); the backward pass sums
+ * over quarter-size arrays, then reads the conv output and writes its gradient once.
  *
  * Layout: y is (B, H, W, C) in memory (channels last), out (B, H/2, W/2, C). Pooling windows
  * are 2x2 with stride 2, rounding down (nn.MaxPool2d(2)): odd last rows and columns feed only
