@@ -368,8 +368,9 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Skip the 8-task and batch-size scans and the epoch run.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for bench.csv; default runs/bench-TIME.")] = None,
 ):
-    """Measure training throughput side by side: unstitched columns, csnet's stitched network and a
-    straightforward implementation, against the machine's measured matmul peak (CPU)."""
+    """Measure training throughput side by side: unstitched columns, csnet's stitched network (with
+    and without its compiled CPU kernels) and a straightforward implementation, against the
+    machine's measured matmul peak (CPU); then a two-epoch full-data run's memory and epoch time."""
     import csv as csv_lib
 
     from csnet.bench import epoch_overhead, fmt, run, verdict
