@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module  # the global forward-hook registries
 
 from csnet.models import native
 
@@ -56,9 +57,7 @@ class _BNPoolReLU(torch.autograd.Function):
 def _hooked(modules) -> bool:
     """Whether a forward hook would see these modules run (a user reading activations): then they
     must run one by one, since a fused kernel never calls them."""
-    from torch.nn.modules import module as m
-
-    if m._global_forward_hooks or m._global_forward_pre_hooks:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
