@@ -114,8 +114,9 @@ def _block(c_in, c_out, momentum=0.1):
 def fused_calls(monkeypatch):
     """How often the fused kernel ran (the tests below must exercise it, not the fallback)."""
     calls = []
-    original = native.bn_pool_relu
-    monkeypatch.setattr(native, "bn_pool_relu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("bn_pool_relu", "conv_bn_pool_relu"):  # the block after its conv, or the whole block
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
     return calls
 
 
@@ -145,6 +146,69 @@ def test_fused_conv_block_matches_its_layers_in_float64(mode, size, fused_calls)
         assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(block[1], name).double(), getattr(reference[1], name).double())
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen-norm", "momentum-none"])
+@pytest.mark.parametrize("c_in, c_out, size", [(1, 32, (12, 12)), (3, 17, (13, 11)), (2, 40, (7, 9))])
+def test_whole_first_block_matches_its_layers_in_float64(mode, c_in, c_out, size, monkeypatch):
+    """The first block fed images (no input gradient): conv included in the kernel, batch-norm
+    statistics from patch moments, the conv's weight gradient in closed form. Channel counts with and
+    without a partial vector of 16, odd sizes, 1 to 3 input channels."""
+    calls = []
+    original = native.conv_bn_pool_relu
+    monkeypatch.setattr(native, "conv_bn_pool_relu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    block = _block(c_in, c_out, momentum=None if mode == "momentum-none" else 0.1)
+    reference = nn.Sequential(*[m for m in __import__("copy").deepcopy(block)]).double()
+    block.train(mode != "frozen-norm"), reference.train(mode != "frozen-norm")
+    x = torch.randn(6, c_in, *size).contiguous(memory_format=torch.channels_last) * 2 + 0.5
+    for _ in range(2):
+        out, want = block(x), reference(x.double())
+        grad = torch.randn_like(want)
+        out.backward(grad.float()), want.backward(grad)
+    if not native.pooled_maps_usable(torch.empty(1, 1, 2, 2).contiguous(memory_format=torch.channels_last)):
+        pytest.skip(native.status())
+    assert len(calls) == 2 and out.is_contiguous(memory_format=torch.channels_last)
+    for got, ref in [(out, want), *[(p.grad, q.grad) for p, q in zip(block.parameters(), reference.parameters())]]:
+        assert got.shape == ref.shape and (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(block[1], name).double(), getattr(reference[1], name).double())
+    block.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x).double(), reference(x.double()), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("change", ["input-grad", "bias", "no-padding", "stride-2", "4-channels", "nchw",
+                                    "wrong-channels"])
+def test_whole_first_block_only_where_it_applies(change, fused_calls):
+    # Anything the closed-form kernel does not cover runs the conv, then the fused layers or plain ones.
+    c_in = 4 if change == "4-channels" else 2
+    conv = nn.Conv2d(3 if change == "wrong-channels" else c_in, 16, 3, padding=0 if change == "no-padding" else 1, bias=change == "bias",
+                     stride=2 if change == "stride-2" else 1)
+    x = torch.randn(2, c_in, 8, 8)
+    if change != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(change == "input-grad")
+    assert not native.conv_block_usable(x, conv)
+    control = torch.randn(2, 2, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert native.conv_block_usable(control, nn.Conv2d(2, 16, 3, padding=1, bias=False)) == \
+        (native._load()[0] is not None)
+
+
+def test_patch_moments_are_those_of_the_unfolded_patches_and_follow_the_input():
+    if native._load()[0] is None:
+        pytest.skip(native.status())
+    x = torch.randn(3, 2, 9, 6).contiguous(memory_format=torch.channels_last)
+    S, G = native.patch_moments(x)
+
+    def want(x):  # unfold's rows are (in-channel, dh, dw); the kernel's taps are (dh, dw, in-channel)
+        p = nn.functional.unfold(x.double(), 3, padding=1).view(3, 2, 3, 3, -1).permute(0, 4, 2, 3, 1).reshape(-1, 18)
+        return p.sum(0), p.T @ p
+
+    torch.testing.assert_close((S, G), want(x), rtol=1e-5, atol=1e-4)  # float sums within an image
+    assert native.patch_moments(x)[0] is S  # the second column's call reuses the first's
+    x.add_(1.0)  # an in-place change is a new batch
+    torch.testing.assert_close(native.patch_moments(x), want(x), rtol=1e-5, atol=1e-4)
 
 
 def test_fused_conv_block_in_evaluation_and_on_nchw_maps(fused_calls):

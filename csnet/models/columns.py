@@ -66,9 +66,11 @@ class ConvBlock(nn.Sequential):
     """Conv -> batch norm -> 2x2 max-pool -> ReLU (the Fashion column's conv blocks), an
     ``nn.Sequential`` whose last three layers run as one compiled kernel (bnpool.c) on
     channels-last float32 maps on the CPU: they were 17 of the 92 ms of a training step of the
-    Fashion pair. Anywhere else (CUDA, NCHW, bfloat16, no C compiler, a forward hook on one of
-    the three) it runs its layers in turn. Same modules and state-dict keys either way, and the same batch-norm bookkeeping
-    (running statistics with ``momentum``, ``num_batches_tracked``, eval mode)."""
+    Fashion pair. A first block, fed images that need no gradient, runs whole, its conv included
+    (``_whole``). Anywhere else (CUDA, NCHW, bfloat16, no C compiler, a forward hook on one of
+    the three) it runs its layers in turn. Same modules and state-dict keys either way, and the
+    same batch-norm bookkeeping (running statistics with ``momentum``, ``num_batches_tracked``,
+    eval mode)."""
 
     def _fused(self) -> bool:
         if len(self) != 4 or _hooked(self[1:]):
@@ -83,28 +85,87 @@ class ConvBlock(nn.Sequential):
         if not self._fused():
             return super().forward(x)
         conv, bn = self[0], self[1]
+        if native.conv_block_usable(x, conv) and x.shape[0] * x.shape[2] * x.shape[3] >= 2:
+            return self._whole(x)
         y = conv(x)
         batch_stats = bn.training
         count = y.numel() // y.shape[1] if y.dim() == 4 and y.shape[1] else 0
         if not native.pooled_maps_usable(y) or count < (2 if batch_stats else 1):
             return self[3](self[2](bn(y)))  # what nn.Sequential does, errors included
-        if batch_stats:
-            total, squares = native.channel_sums(y)
-            mean = total / count
-            var = (squares / count - mean * mean).clamp_min(0)
-            with torch.no_grad():  # BatchNorm2d's update: unbiased variance, momentum or cumulative average
-                bn.num_batches_tracked.add_(1)
-                f = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
-                bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
-                bn.running_var.mul_(1 - f).add_((var * count / (count - 1)).to(bn.running_var.dtype), alpha=f)
-            mean, var = mean.float(), var.float()
-        else:
-            mean, var = bn.running_mean.float(), bn.running_var.float()
-        invstd = torch.rsqrt(var + bn.eps)
+        mean, invstd = _statistics(bn, *native.channel_sums(y), count) if batch_stats else _running(bn)
         if not torch.is_grad_enabled():  # evaluation: nothing kept for a backward pass
             scale = bn.weight.detach() * invstd
             return native.bn_pool_relu(y, scale, bn.bias.detach() - mean * scale, keep=False)[0]
         return _BNPoolReLU.apply(y, bn.weight, bn.bias, mean, invstd, batch_stats)
+
+
+    def _whole(self, x):
+        """The block as one kernel, conv included (bnpool.c's first-block kernels): for an input that
+        needs no gradient, the conv output is never stored."""
+        conv, bn = self[0], self[1]
+        taps = native.conv_taps(conv.weight)
+        S, G = native.patch_moments(x) if bn.training else (None, None)
+        if bn.training:  # sums of y = w.P and of its square, from the patch moments
+            w = taps.double()
+            mean, invstd = _statistics(bn, S @ w, ((G @ w) * w).sum(0), x.shape[0] * x.shape[2] * x.shape[3])
+        else:
+            mean, invstd = _running(bn)
+        if not torch.is_grad_enabled():
+            scale = bn.weight.detach() * invstd
+            return native.conv_bn_pool_relu(x, taps, scale, bn.bias.detach() - mean * scale, keep=False)[0]
+        return _ConvBNPoolReLU.apply(x, conv.weight, bn.weight, bn.bias, taps, mean, invstd, S, G)
+
+
+def _statistics(bn: nn.BatchNorm2d, total: torch.Tensor, squares: torch.Tensor, count: int):
+    """(mean, invstd) in float32 from a batch's double channel sums, and BatchNorm2d's running-statistics
+    update: unbiased variance, ``momentum`` or the cumulative average when it is None."""
+    mean = total / count
+    var = (squares / count - mean * mean).clamp_min(0)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        f = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+        bn.running_var.mul_(1 - f).add_((var * count / (count - 1)).to(bn.running_var.dtype), alpha=f)
+    return mean.float(), torch.rsqrt(var.float() + bn.eps)
+
+
+def _running(bn: nn.BatchNorm2d):
+    """(mean, invstd) of the running statistics: evaluation, or a frozen norm."""
+    return bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps)
+
+
+class _ConvBNPoolReLU(torch.autograd.Function):
+    """ReLU(max-pool 2x2(batch norm(conv(x)))) for an x that needs no gradient, with its backward pass
+    in closed form from bnpool.c's sums. With dz the gradient at batch norm's output, zero but at the
+    pooled winners, and M positions, batch norm's backward gives
+    dy = gamma invstd (dz - sum(dz)/M - xhat sum(dz xhat)/M); the conv's weight gradient is
+    sum(dy P) = gamma invstd (Q - S sum(dz)/M - invstd (G w - mean S) sum(dz xhat)/M), with
+    Q = sum(dz P) over the winners, S and G the patch moments, and sum(dz xhat) =
+    invstd (w.Q - mean sum(dz)). With running statistics (a frozen norm) only the first term stays."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, taps, mean, invstd, S, G):
+        scale = gamma * invstd
+        out, winner = native.conv_bn_pool_relu(x, taps, scale, beta - mean * scale, keep=True)
+        ctx.save_for_backward(x, winner, taps, mean, invstd, gamma, S, G)
+        ctx.weight_shape = weight.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, winner, taps, mean, invstd, gamma, S, G = ctx.saved_tensors
+        Q, A = native.conv_bn_pool_relu_sums(x, grad_out, winner)
+        w, mean, invstd = taps.double(), mean.double(), invstd.double()
+        dgamma = invstd * ((w * Q).sum(0) - mean * A)  # sum(dz xhat)
+        grad_w = Q
+        if S is not None:  # batch statistics: their dependence on w
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            grad_w = Q - S[:, None] * (A / count) - invstd * (G @ w - S[:, None] * mean) * (dgamma / count)
+        grad_w = (grad_w * (gamma.double() * invstd)).float()
+        c_out, c_in = ctx.weight_shape[:2]
+        grad_w = grad_w.view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+        return None, grad_w, dgamma.float(), A.float(), None, None, None, None, None
 
 
 def _he_init(column: Column) -> None:

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -123,8 +124,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.csnet_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, ctypes.c_int]
     lib.csnet_bn_pool_relu_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _L, _L, _L, _L,
                                                 _P, _P, _P, _P, ctypes.c_int]
+    lib.csnet_patch_moments.argtypes = [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.csnet_conv_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _P, ctypes.c_int]
+    lib.csnet_conv_bn_pool_relu_backward.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _P, _P, _P, ctypes.c_int]
     for f in ("csnet_mix_forward", "csnet_mix_backward", "csnet_bn_stats", "csnet_bn_pool_relu_forward",
-              "csnet_bn_pool_relu_backward"):
+              "csnet_bn_pool_relu_backward", "csnet_patch_moments", "csnet_conv_bn_pool_relu_forward",
+              "csnet_conv_bn_pool_relu_backward"):
         getattr(lib, f).restype = None
     return lib, f"compiled C kernel ({path})"
 
@@ -269,3 +274,101 @@ def bn_pool_relu_backward(grad_out, winner, picked, y, mean, invstd, gamma, batc
         mean.data_ptr(), invstd.data_ptr(), gamma.data_ptr(), int(batch_stats), b, h, w, c,
         dbeta.data_ptr(), dgamma.data_ptr(), parts.data_ptr(), coef.data_ptr(), threads)
     return dy, dgamma.float(), dbeta.float()
+
+
+# ---------------------------------------------------------------- the first conv block whole (bnpool.c)
+
+MAX_IN_CHANNELS = 3  # the kernels keep four (9 x in-channels)-tap patches on the stack; RGB is the widest input
+
+
+def _autocast_on() -> bool:
+    """Whether CPU autocast is on: its conv would run in bfloat16, which the kernel does not."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled()
+
+
+def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether bnpool.c runs conv -> batch norm -> pool -> ReLU whole on this input: a 3x3 conv with
+    stride 1, zero padding 1 and no bias, on a CPU float32 channels-last input of at most
+    ``MAX_IN_CHANNELS`` channels that needs no gradient (a column's first block, fed the images)."""
+    w = conv.weight
+    return (not _switched_off and not _compiling() and not x.requires_grad and not _autocast_on()
+            and x.device.type == w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and x.dim() == 4 and 1 <= x.shape[1] == conv.in_channels <= MAX_IN_CHANNELS and min(x.shape[2:]) >= 2
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and conv.bias is None and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and _load()[0] is not None)
+
+
+def _pads(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """Each thread's zero-padded copy of one image (bnpool.c's pad_image)."""
+    b, cin, h, w = x.shape
+    return torch.empty(threads * cin * (h + 2) * (-(-w // 16) * 16 + 2))
+
+
+_last_moments: list = []  # [(weak reference to x, x's version, S, G)]: every column reads the same images
+
+
+def patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, G), double: the sum over all positions of the input's 3x3 patches (zero padded, taps in
+    (dh, dw, in-channel) order) and of their outer products. A conv's output y = w.P has channel
+    sums w.S and sums of squares w'Gw: batch-norm statistics without the output map. Each column
+    of a stitched network asks for the same batch's; they are computed once."""
+    if _last_moments:
+        ref, version, S, G = _last_moments[0]
+        if ref() is x and x._version == version:
+            return S, G
+    S, G = _patch_moments(x)
+    _last_moments[:] = [(weakref.ref(x), x._version, S, G)]
+    return S, G
+
+
+def _patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, cin, h, w = x.shape
+    taps, threads = 9 * cin, torch.get_num_threads()
+    n = taps * taps + taps
+    S, G = torch.empty(taps, dtype=torch.float64), torch.empty(taps, taps, dtype=torch.float64)
+    pads, rows = _pads(x, threads), torch.empty(threads * n * 16)
+    parts = torch.zeros(threads * n, dtype=torch.float64)
+    _load()[0].csnet_patch_moments(x.data_ptr(), b, h, w, cin, S.data_ptr(), G.data_ptr(), pads.data_ptr(),
+                                   rows.data_ptr(), parts.data_ptr(), threads)
+    return S, G
+
+
+def conv_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C, Cin, 3, 3) conv weights as the (taps, C) float32 array the kernels read."""
+    return weight.detach().permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).float().contiguous()
+
+
+def conv_bn_pool_relu(x: torch.Tensor, taps: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep: bool):
+    """ReLU(2x2 max-pool(conv(x) * scale + shift)) and, with ``keep``, each output's winner (as
+    ``bn_pool_relu``); ``taps`` from ``conv_taps``."""
+    b, cin, h, w = x.shape
+    c, threads = taps.shape[1], torch.get_num_threads()
+    out = torch.empty(b, c, h // 2, w // 2, memory_format=torch.channels_last)
+    winner = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last) if keep else None
+    scale, shift, pads = _floats(scale), _floats(shift), _pads(x, threads)
+    _load()[0].csnet_conv_bn_pool_relu_forward(x.data_ptr(), taps.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                               out.data_ptr(), _ptr(winner), b, h, w, cin, c, pads.data_ptr(),
+                                               threads)
+    return out, winner
+
+
+def conv_bn_pool_relu_sums(x: torch.Tensor, grad_out: torch.Tensor, winner: torch.Tensor):
+    """(Q, A), double: per tap and channel, the sum of dz times the winning position's patch, and per
+    channel the sum of dz, where dz is the gradient at batch norm's output (grad_out where the ReLU
+    let the winner through, zero elsewhere)."""
+    b, cin, h, w = x.shape
+    c, threads = grad_out.shape[1], torch.get_num_threads()
+    taps = 9 * cin
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    Q, A = torch.empty(taps, c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    parts = torch.zeros(threads * (taps + 1) * c, dtype=torch.float64)
+    pads = _pads(x, threads)
+    _load()[0].csnet_conv_bn_pool_relu_backward(x.data_ptr(), grad_out.data_ptr(), winner.data_ptr(), b, h, w, cin,
+                                                c, Q.data_ptr(), A.data_ptr(), parts.data_ptr(), pads.data_ptr(),
+                                                threads)
+    return Q, A
