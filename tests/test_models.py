@@ -6,6 +6,7 @@ import torch
 from csnet import CrossStitchNet, ModelConfig, build_network
 from csnet.errors import UsageError
 from csnet.models import columns
+from csnet.models.network import count_macs
 
 
 def _config(**kw):
@@ -193,6 +194,18 @@ def test_whole_first_block_only_where_it_applies(change, fused_calls):
     control = torch.randn(2, 2, 8, 8).contiguous(memory_format=torch.channels_last)
     assert native.conv_block_usable(control, nn.Conv2d(2, 16, 3, padding=1, bias=False)) == \
         (native._load()[0] is not None)
+
+
+def test_a_forward_hook_on_the_conv_still_sees_it_run(fused_calls):
+    # count_macs, the benchmark's FLOP count, hooks the conv: skipping it would undercount the FLOPs.
+    block = _block(1, 16)
+    seen = []
+    block[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    block(x).sum().backward()
+    assert seen == [torch.Size([2, 16, 8, 8])] and block[0].weight.grad is not None
+    assert count_macs(columns.convnet(10), torch.zeros(1, 1, 28, 28)) == \
+        28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 64 * 7 * 7 * 1024 + 1024 * 10
 
 
 def test_patch_moments_are_those_of_the_unfolded_patches_and_follow_the_input():

@@ -85,7 +85,7 @@ class ConvBlock(nn.Sequential):
         if not self._fused():
             return super().forward(x)
         conv, bn = self[0], self[1]
-        if native.conv_block_usable(x, conv) and x.shape[0] * x.shape[2] * x.shape[3] >= 2:
+        if native.conv_block_usable(x, conv) and x.shape[0] * x.shape[2] * x.shape[3] >= 2 and not _hooked([conv]):
             return self._whole(x)
         y = conv(x)
         batch_stats = bn.training
