@@ -219,7 +219,9 @@ def run(n: int = 4096, quick: bool = False) -> dict:
     macs = count_macs(stitched, torch.zeros(1, 1, 28, 28))
     r["train_mflop_per_example"] = 3 * 2 * macs / 1e6  # forward + backward (about twice the forward)
     r["flop_limit_examples_per_s"] = r["matmul_gflops"] * 1e3 / r["train_mflop_per_example"]
-    reps = 1 if quick else 3
+    # Five rounds: with three, a slow spell on this shared 2-core machine still moved the 2-task
+    # stitching overhead between 3% and 6% from run to run.
+    reps = 1 if quick else 5
     naive_cols, _ = _net(2, "none")
     straightforward = _StraightforwardNet(dict(naive_cols.columns), ["pool1", "pool2", "fc"])
     unstitched = _net(2, "none")[0]

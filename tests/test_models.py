@@ -263,3 +263,49 @@ def test_a_forward_hook_on_a_fused_layer_still_sees_it_run(fused_calls):
         out = block(x)
     assert seen == [torch.Size([2, 16, 8, 8])] and fused_calls == []
     assert out.shape == (2, 16, 4, 4)
+
+
+# ---------------------------------------------------------------- the fc layer's products on oneDNN
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    calls = []
+    original = columns._ONEDNN_LINEAR
+    if original is None:
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setattr(columns, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(columns.Linear, "ONEDNN_MIN_WEIGHTS", 1)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_nn_linear_in_float64(bias, onednn_calls):
+    torch.manual_seed(0)
+    layer = columns.Linear(50, 30, bias=bias)
+    reference = nn.Linear(50, 30, bias=bias).double()
+    reference.load_state_dict(layer.state_dict())  # same keys: checkpoints load either way
+    x = torch.randn(7, 50, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    out, want = layer(x), reference(x64)
+    grad = torch.randn_like(want)
+    out.backward(grad.float()), want.backward(grad)
+    assert len(onednn_calls) == 3  # forward, input gradient, weight gradient
+    for got, ref in [(out, want), (x.grad, x64.grad), *[(p.grad, q.grad) for p, q in
+                                                       zip(layer.parameters(), reference.parameters())]]:
+        assert got.shape == ref.shape and (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_onednn_linear_only_where_it_pays(onednn_calls, monkeypatch):
+    layer = columns.Linear(50, 30)
+    x = torch.randn(4, 50)
+    layer(x.double().float())
+    assert len(onednn_calls) == 1
+    layer.double()(x.double())  # float64: nn.Linear
+    monkeypatch.setattr(columns.Linear, "ONEDNN_MIN_WEIGHTS", 1 << 20)
+    columns.Linear(50, 30)(x)  # small layer: nn.Linear
+    assert len(onednn_calls) == 1
+    fc = columns.convnet(10).stages["fc"][1]
+    assert isinstance(fc, columns.Linear) and fc.weight.numel() >= columns.Linear.ONEDNN_MIN_WEIGHTS
+    monkeypatch.setattr(columns, "_ONEDNN_LINEAR", None)  # a torch without the op (or where its probe failed)
+    torch.testing.assert_close(fc(torch.ones(2, 3136)), nn.functional.linear(torch.ones(2, 3136), fc.weight, fc.bias))

@@ -1,5 +1,6 @@
 """csnet's CPU kernels, compiled with the system C compiler on first use: the cross-stitch unit
-(mix.c) and the convnet column's batch norm -> max-pool -> ReLU (bnpool.c).
+(mix.c) and the convnet column's conv blocks (bnpool.c): batch norm -> max-pool -> ReLU after a
+conv, and the first block whole, its conv included.
 
 Why C: the unit is memory-bound. Written with tensor ops, every target task reads every
 source task, forward and backward, so T tasks cost T^2 passes over the activations; at
@@ -15,9 +16,10 @@ compete for the cores.
 
 Used only where they apply: CPU float32 tensors; for the unit, each task's activation
 contiguous in the same layout (NCHW, channels-last or (B, C) rows), at most ``MAX_TASKS``
-tasks; for batch norm -> pool -> ReLU, channels-last maps. Everything else (CUDA, bfloat16
-autocast, float64 gradchecks, no compiler) takes the PyTorch path, which computes the same
-values. ``CSNET_NATIVE=0`` turns the kernels off; ``status()`` says which path is in use
+tasks; for batch norm -> pool -> ReLU, channels-last maps; for the whole first block, a 3x3
+conv without bias on channels-last images that need no gradient (``conv_block_usable``).
+Everything else (CUDA, bfloat16 autocast, float64 gradchecks, no compiler) takes the PyTorch
+path, which computes the same values. ``CSNET_NATIVE=0`` turns the kernels off; ``status()`` says which path is in use
 and why.
 """
 
