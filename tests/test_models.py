@@ -309,3 +309,46 @@ def test_onednn_linear_only_where_it_pays(onednn_calls, monkeypatch):
     assert isinstance(fc, columns.Linear) and fc.weight.numel() >= columns.Linear.ONEDNN_MIN_WEIGHTS
     monkeypatch.setattr(columns, "_ONEDNN_LINEAR", None)  # a torch without the op (or where its probe failed)
     torch.testing.assert_close(fc(torch.ones(2, 3136)), nn.functional.linear(torch.ones(2, 3136), fc.weight, fc.bias))
+
+
+# ---------------------------------------------------------------- dropout (dropout.c)
+
+
+@pytest.mark.skipif(native._load()[0] is None, reason=native.status())
+def test_dropout_keeps_one_minus_p_scales_and_masks_the_gradient_alike():
+    drop = columns.Dropout(0.2).train()
+    x = torch.randn(128, 1024, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    n = x.numel()  # the kept count is binomial(n, 0.8): 5 standard deviations either side
+    assert abs(kept.sum().item() - 0.8 * n) < 5 * (n * 0.2 * 0.8) ** 0.5
+    torch.testing.assert_close(out[kept], x[kept] / 0.8)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad != 0, kept)  # the backward pass recomputes the same mask
+    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.8))
+
+
+@pytest.mark.skipif(native._load()[0] is None, reason=native.status())
+def test_dropout_masks_follow_torch_seed_not_the_thread_count(monkeypatch):
+    drop, x = columns.Dropout(0.5).train(), torch.randn(64, 300)
+    torch.manual_seed(3)
+    first, second = drop(x), drop(x)
+    assert not torch.equal(first, second)  # a new mask every call
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), first)
+    x[0] = float("nan")  # nn.Dropout multiplies by its mask, so NaN survives a dropped place too
+    assert torch.isnan(drop(x)[0]).all()
+
+
+def test_dropout_is_nn_dropout_elsewhere():
+    x = torch.randn(32, 40)
+    drop = columns.Dropout(0.3)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(columns.Dropout(0.0).train()(x), x)
+    drop.train()
+    with native.off():  # the PyTorch path draws nn.Dropout's masks
+        torch.manual_seed(1)
+        got = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(got, nn.Dropout(0.3).train()(x))
+    assert isinstance(columns.convnet(10).head[0], columns.Dropout)

@@ -1,6 +1,6 @@
 """csnet's CPU kernels, compiled with the system C compiler on first use: the cross-stitch unit
-(mix.c) and the convnet column's conv blocks (bnpool.c): batch norm -> max-pool -> ReLU after a
-conv, and the first block whole, its conv included.
+(mix.c), the convnet column's conv blocks (bnpool.c): batch norm -> max-pool -> ReLU after a
+conv, and the first block whole, its conv included; and dropout (dropout.c).
 
 Why C: the unit is memory-bound. Written with tensor ops, every target task reads every
 source task, forward and backward, so T tasks cost T^2 passes over the activations; at
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("mix.c", "bnpool.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("mix.c", "bnpool.c", "dropout.c"))
 # -march=native: the library is built on the machine that runs it, and cached per CPU (below).
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-denormals-to-zero.
@@ -129,9 +129,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.csnet_patch_moments.argtypes = [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.csnet_conv_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _P, ctypes.c_int]
     lib.csnet_conv_bn_pool_relu_backward.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _P, _P, _P, ctypes.c_int]
+    lib.csnet_dropout.argtypes = [_P, _P, _L, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     for f in ("csnet_mix_forward", "csnet_mix_backward", "csnet_bn_stats", "csnet_bn_pool_relu_forward",
               "csnet_bn_pool_relu_backward", "csnet_patch_moments", "csnet_conv_bn_pool_relu_forward",
-              "csnet_conv_bn_pool_relu_backward"):
+              "csnet_conv_bn_pool_relu_backward", "csnet_dropout"):
         getattr(lib, f).restype = None
     return lib, f"compiled C kernel ({path})"
 
@@ -374,3 +375,24 @@ def conv_bn_pool_relu_sums(x: torch.Tensor, grad_out: torch.Tensor, winner: torc
                                                 c, Q.data_ptr(), A.data_ptr(), parts.data_ptr(), pads.data_ptr(),
                                                 threads)
     return Q, A
+
+
+# ---------------------------------------------------------------- dropout (dropout.c)
+
+def dropout_usable(x: torch.Tensor) -> bool:
+    """Whether dropout.c takes this activation: CPU float32, contiguous."""
+    return (not _switched_off and not _compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_contiguous() and _load()[0] is not None)
+
+
+def dropout_seed() -> int:
+    """A 64-bit seed from torch's default generator, so that torch.manual_seed fixes the masks."""
+    return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64)) % 2 ** 64
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * mask / (1 - p), mask the one dropout.c derives from ``seed`` (the same for the gradient)."""
+    out = torch.empty_like(x)
+    _load()[0].csnet_dropout(x.data_ptr(), out.data_ptr(), x.numel(), seed, round(p * 2 ** 24), 1.0 / (1.0 - p),
+                             torch.get_num_threads())
+    return out
