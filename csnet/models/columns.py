@@ -67,10 +67,10 @@ class ConvBlock(nn.Sequential):
     ``nn.Sequential`` whose last three layers run as one compiled kernel (bnpool.c) on
     channels-last float32 maps on the CPU: they were 17 of the 92 ms of a training step of the
     Fashion pair. A first block, fed images that need no gradient, runs whole, its conv included
-    (``_whole``). Anywhere else (CUDA, NCHW, bfloat16, no C compiler, a forward hook on one of
-    the three) it runs its layers in turn. Same modules and state-dict keys either way, and the
-    same batch-norm bookkeeping (running statistics with ``momentum``, ``num_batches_tracked``,
-    eval mode)."""
+    (``_whole``; not with a forward hook on the conv). Anywhere else (CUDA, NCHW, bfloat16, no C
+    compiler, a forward hook on one of the three) it runs its layers in turn. Same modules and
+    state-dict keys either way, and the same batch-norm bookkeeping (running statistics with
+    ``momentum``, ``num_batches_tracked``, eval mode)."""
 
     def _fused(self) -> bool:
         if len(self) != 4 or _hooked(self[1:]):
@@ -110,7 +110,8 @@ class ConvBlock(nn.Sequential):
             mean, invstd = _statistics(bn, S @ w, ((G @ w) * w).sum(0), x.shape[0] * x.shape[2] * x.shape[3])
         else:
             mean, invstd = _running(bn)
-        if not torch.is_grad_enabled():
+        if not (torch.is_grad_enabled() and (conv.weight.requires_grad or bn.weight.requires_grad
+                                             or bn.bias.requires_grad)):  # evaluation, or frozen columns
             scale = bn.weight.detach() * invstd
             return native.conv_bn_pool_relu(x, taps, scale, bn.bias.detach() - mean * scale, keep=False)[0]
         return _ConvBNPoolReLU.apply(x, conv.weight, bn.weight, bn.bias, taps, mean, invstd, S, G)
@@ -219,9 +220,10 @@ class Linear(nn.Linear):
     ONEDNN_MIN_WEIGHTS = 1 << 20
 
     def forward(self, x):
-        if (_ONEDNN_LINEAR is None or self.weight.numel() < self.ONEDNN_MIN_WEIGHTS
-                or x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32
-                or self.weight.dtype != torch.float32 or native._autocast_on() or native._compiling()):
+        if (_ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled
+                or self.weight.numel() < self.ONEDNN_MIN_WEIGHTS or x.device.type != "cpu" or x.dim() != 2
+                or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or native._autocast_on() or native._compiling()):
             return super().forward(x)
         return _OneDNNLinear.apply(x.contiguous(), self.weight, self.bias)
 

@@ -19,8 +19,8 @@ contiguous in the same layout (NCHW, channels-last or (B, C) rows), at most ``MA
 tasks; for batch norm -> pool -> ReLU, channels-last maps; for the whole first block, a 3x3
 conv without bias on channels-last images that need no gradient (``conv_block_usable``).
 Everything else (CUDA, bfloat16 autocast, float64 gradchecks, no compiler) takes the PyTorch
-path, which computes the same values. ``CSNET_NATIVE=0`` turns the kernels off; ``status()`` says which path is in use
-and why.
+path, which computes the same values (dropout: the same distribution, other masks).
+``CSNET_NATIVE=0`` turns the kernels off; ``status()`` says which path is in use and why.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 
 import torch
@@ -282,6 +281,7 @@ def bn_pool_relu_backward(grad_out, winner, picked, y, mean, invstd, gamma, batc
 # ---------------------------------------------------------------- the first conv block whole (bnpool.c)
 
 MAX_IN_CHANNELS = 3  # the kernels keep four (9 x in-channels)-tap patches on the stack; RGB is the widest input
+MAX_WIDTH = 1024  # the backward pass keeps a pooled row's patches on an OpenMP thread's stack (220 KB at 1024)
 
 
 def _autocast_on() -> bool:
@@ -297,9 +297,11 @@ def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     stride 1, zero padding 1 and no bias, on a CPU float32 channels-last input of at most
     ``MAX_IN_CHANNELS`` channels that needs no gradient (a column's first block, fed the images)."""
     w = conv.weight
-    return (not _switched_off and not _compiling() and not x.requires_grad and not _autocast_on()
+    return (type(conv) is torch.nn.Conv2d  # a subclass may change what its forward computes
+            and not _switched_off and not _compiling() and not x.requires_grad and not _autocast_on()
             and x.device.type == w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and x.dim() == 4 and 1 <= x.shape[1] == conv.in_channels <= MAX_IN_CHANNELS and min(x.shape[2:]) >= 2
+            and x.dim() == 4 and 1 <= x.shape[1] == conv.in_channels <= MAX_IN_CHANNELS
+            and 2 <= min(x.shape[2:]) and x.shape[3] <= MAX_WIDTH
             and x.is_contiguous(memory_format=torch.channels_last)
             and conv.bias is None and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -312,21 +314,32 @@ def _pads(x: torch.Tensor, threads: int) -> torch.Tensor:
     return torch.empty(threads * cin * (h + 2) * (-(-w // 16) * 16 + 2))
 
 
-_last_moments: list = []  # [(weak reference to x, x's version, S, G)]: every column reads the same images
+_shared: dict | None = None  # inside ``shared_moments``: {id(x): (x, S, G)}
+
+
+@contextlib.contextmanager
+def shared_moments():
+    """Within this block (one forward pass of a stitched network, whose columns all read the same
+    images) each input's patch moments are computed once. Only within it: outside, a buffer
+    refilled without bumping its version (``.data``, numpy) would be taken for the last batch."""
+    global _shared
+    outer, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = outer
 
 
 def patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, G), double: the sum over all positions of the input's 3x3 patches (zero padded, taps in
     (dh, dw, in-channel) order) and of their outer products. A conv's output y = w.P has channel
-    sums w.S and sums of squares w'Gw: batch-norm statistics without the output map. Each column
-    of a stitched network asks for the same batch's; they are computed once."""
-    if _last_moments:
-        ref, version, S, G = _last_moments[0]
-        if ref() is x and x._version == version:
-            return S, G
-    S, G = _patch_moments(x)
-    _last_moments[:] = [(weakref.ref(x), x._version, S, G)]
-    return S, G
+    sums w.S and sums of squares w'Gw: batch-norm statistics without the output map."""
+    if _shared is None:
+        return _patch_moments(x)
+    hit = _shared.get(id(x))
+    if hit is None or hit[0] is not x:
+        hit = _shared[id(x)] = (x, *_patch_moments(x))
+    return hit[1], hit[2]
 
 
 def _patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ reproduction: columns side by side, trained on the sum of the task losses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
+from csnet.models import native
 from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
 from csnet.models.columns import Column
 from csnet.models.unit import INITS, MODES, CrossStitchUnit
@@ -176,10 +178,12 @@ class CrossStitchNet(nn.Module):
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cols = list(self.columns.values())
         xs = [x] * len(cols)
-        for name in self.stage_names:
-            xs = [col.stages[name](xi) for col, xi in zip(cols, xs)]
-            if name in self.units:
-                xs = self.units[name](xs)
+        # every column's first conv block reads the same images: their patch moments once (bnpool.c)
+        with contextlib.nullcontext() if native._compiling() else native.shared_moments():
+            for name in self.stage_names:
+                xs = [col.stages[name](xi) for col, xi in zip(cols, xs)]
+                if name in self.units:
+                    xs = self.units[name](xs)
         return dict(zip(self.columns, xs))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
