@@ -337,8 +337,11 @@ def test_onednn_linear_only_where_it_pays(onednn_calls, monkeypatch):
     x = torch.randn(4, 50)
     layer(x.double().float())
     assert len(onednn_calls) == 1
-    with torch.backends.mkldnn.flags(enabled=False):  # the user turned oneDNN off
+    with monkeypatch.context() as m:  # the user turned oneDNN off
+        m.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not torch.backends.mkldnn.enabled
         layer(x)
+    assert torch.backends.mkldnn.enabled
     layer.double()(x.double())  # float64: nn.Linear
     monkeypatch.setattr(columns.Linear, "ONEDNN_MIN_WEIGHTS", 1 << 20)
     columns.Linear(50, 30)(x)  # small layer: nn.Linear
