@@ -98,7 +98,6 @@ class ConvBlock(nn.Sequential):
             return native.bn_pool_relu(y, scale, bn.bias.detach() - mean * scale, keep=False)[0]
         return _BNPoolReLU.apply(y, bn.weight, bn.bias, mean, invstd, batch_stats)
 
-
     def _whole(self, x):
         """The block as one kernel, conv included (bnpool.c's first-block kernels): for an input that
         needs no gradient, the conv output is never stored."""
@@ -229,6 +228,8 @@ class Linear(nn.Linear):
 
 
 class _Dropout(torch.autograd.Function):
+    """x * mask / (1 - p) with dropout.c's mask for ``seed``; the gradient gets the same mask."""
+
     @staticmethod
     def forward(ctx, x, p, seed):
         ctx.p, ctx.seed = p, seed
