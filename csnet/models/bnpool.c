@@ -244,8 +244,8 @@ static inline void window_patches(const float *restrict pad, long oh, long ow, l
 #define FLUSH 64 /* sums added per lane in float before they go into double */
 
 /* S (taps) and G (taps x taps) over all B x H x W positions. Each thread takes whole images and
- * sums them 16 positions at a time in float, then into double every FLUSH (or fewer) rows of
- * 16 positions: once per image at 28 x 28. Scratch from the caller:
+ * sums them 16 positions at a time in float, then into double after at most FLUSH vectors per
+ * lane (every 32 rows at 28 wide). Scratch from the caller:
  * pads (threads x Cin (H + 2) padded_width(W) floats), rows (threads x (taps^2 + taps) x 16
  * floats) and parts (threads x (taps^2 + taps) zeroed doubles). */
 void csnet_patch_moments(const float *restrict x, long B, long H, long W, long Cin, double *restrict S,

@@ -282,10 +282,11 @@ def bn_pool_relu_backward(grad_out, winner, picked, y, mean, invstd, gamma, batc
 
 MAX_IN_CHANNELS = 3  # the kernels keep four (9 x in-channels)-tap patches on the stack; RGB is the widest input
 MAX_WIDTH = 1024  # the backward pass keeps a pooled row's patches on an OpenMP thread's stack (220 KB at 1024)
+LANES = 16  # floats per vector in bnpool.c (V): its scratch rows are whole vectors
 
 
 def _autocast_on() -> bool:
-    """Whether CPU autocast is on: its conv would run in bfloat16, which the kernel does not."""
+    """Whether CPU autocast is on: the layers would run in bfloat16, which the kernels do not."""
     try:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4 takes no device type
@@ -311,7 +312,7 @@ def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 def _pads(x: torch.Tensor, threads: int) -> torch.Tensor:
     """Each thread's zero-padded copy of one image (bnpool.c's pad_image)."""
     b, cin, h, w = x.shape
-    return torch.empty(threads * cin * (h + 2) * (-(-w // 16) * 16 + 2))
+    return torch.empty(threads * cin * (h + 2) * (-(-w // LANES) * LANES + 2))
 
 
 _shared: dict | None = None  # inside ``shared_moments``: {id(x): (x, S, G)}
@@ -347,7 +348,7 @@ def _patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     taps, threads = 9 * cin, torch.get_num_threads()
     n = taps * taps + taps
     S, G = torch.empty(taps, dtype=torch.float64), torch.empty(taps, taps, dtype=torch.float64)
-    pads, rows = _pads(x, threads), torch.empty(threads * n * 16)
+    pads, rows = _pads(x, threads), torch.empty(threads * n * LANES)
     parts = torch.zeros(threads * n, dtype=torch.float64)
     _load()[0].csnet_patch_moments(x.data_ptr(), b, h, w, cin, S.data_ptr(), G.data_ptr(), pads.data_ptr(),
                                    rows.data_ptr(), parts.data_ptr(), threads)
