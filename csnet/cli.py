@@ -21,6 +21,7 @@ from rich.table import Table
 from csnet import distributed, runio, stages
 from csnet.data import DATASETS, DataConfig, dataset_spec, model_input
 from csnet.errors import CsnetError, UsageError
+from csnet.models.backbones import is_custom
 from csnet.models.network import BACKBONES, ModelConfig
 from csnet.runio import default_out, run_path
 from csnet.train import TrainConfig, keep_freed_memory
@@ -75,7 +76,11 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), c
 Backbone = Annotated[Optional[str], typer.Option(
     help=f"Column architecture: {', '.join(BACKBONES)}, or module.path:function returning (nn.Module, "
          "[stitch point names]) (see README). torchvision nets repeat a gray channel to RGB; VGG pads 28 px to 32. "
+         "With --from or --resume: only the run's own module.path:function, to allow importing it. "
          "[default: convnet]")]
+TrustBackbone = Annotated[Optional[str], typer.Option(
+    "--backbone", help="The run's own module.path:function backbone, named to allow csnet to import it: "
+                       "csnet never imports code that a run folder names.")]
 Stitch = Annotated[Optional[str], typer.Option(
     help="Where units go: none (independent columns, summed loss), all (the backbone's default points: convnet "
          "pool1, pool2, fc, the paper's placement; mlp every hidden layer; resnet layer1..4; vgg every pool), "
@@ -152,6 +157,16 @@ def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed
                       label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None)
 
 
+def _code(backbone: str | None, with_run: str | None = None) -> tuple[str, ...]:
+    """The code the user named on this command line: a ``module:function`` backbone, or nothing."""
+    if backbone is None:
+        return ()
+    if with_run and not is_custom(backbone):
+        raise UsageError(f"--backbone {backbone} cannot be used with {with_run} (the network comes from the run; "
+                         "--backbone there only names the run's own module.path:function, to allow importing it)")
+    return (backbone,) if is_custom(backbone) else ()
+
+
 def _parse_list(text: str, option: str, cast=str) -> tuple:
     try:
         items = tuple(cast(s.strip()) for s in text.split(",") if s.strip())
@@ -223,7 +238,7 @@ def pretrain(
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
                     amp=amp, channels_last=channels_last, compile=compile),
-        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
+        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list, code=_code(backbone),
     )
 
 
@@ -235,12 +250,14 @@ def stitch(
     beta: Annotated[float, typer.Option(help="Initial different-task unit weight.")] = 0.1,
     unit_mode: UnitMode = None, unit_init: UnitInit = None,
     tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
+    backbone: TrustBackbone = None,
     out: Out = None, name: Name = None, force: Force = False,
 ):
     """Build a cross-stitch network from pretrained columns and save it as a run (no training)."""
     run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
-                        tasks=list(_parse_list(tasks, "--tasks")) if tasks else None, force=force,
-                        unit_mode=unit_mode or "channel", unit_init=unit_init or "alpha-beta")
+                        tasks=list(_parse_list(tasks, "--tasks")) if tasks is not None else None, force=force,
+                        unit_mode=unit_mode or "channel", unit_init=unit_init or "alpha-beta",
+                        code=_code(backbone, "stitch"))
     console.print(f"stitched {len(runs)} columns (units: {stitch}); saved in {run}; "
                   f"train it with: csnet train --from {run}", highlight=False)
 
@@ -273,24 +290,23 @@ def train(
     if resume is None:
         _join(device)  # a resumed run joins once it has read its device from the run
     if resume is not None:
-        allowed = {"resume", "epochs", "device", "quiet", "ctx", "config"}
+        allowed = {"resume", "epochs", "device", "quiet", "ctx", "config", "backbone"}
         given = _given(ctx, [n for n in ctx.params if n not in allowed])
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --resume (the run keeps its settings; "
                              "only --epochs and --device may change)")
-        if runio.is_group(resume):
-            raise UsageError(f"{resume} holds several seeds; resume one of them: {resume}/seed-N")
         stages.resume(resume, console, quiet=quiet,
                       epochs=epochs if _given(ctx, ["epochs"]) else None,
-                      device=device if _given(ctx, ["device"]) else None)
+                      device=device if _given(ctx, ["device"]) else None, code=_code(backbone, "--resume"))
         return
     seed_list = _seed_list(ctx, seeds)
     model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
+    code = _code(backbone, "--from" if from_run is not None else None)
     if from_run is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None]
-        given += [flag for flag, v in (("--tasks", tasks), ("--weights", weights)) if v]
+        given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None and k != "backbone"]
+        given += [flag for flag, v in (("--tasks", tasks), ("--weights", weights)) if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
         if dataset is None:
@@ -298,7 +314,7 @@ def train(
     else:
         dataset = dataset or _D.dataset
         spec = dataset_spec(dataset)
-        task_list = _parse_list(tasks, "--tasks") if tasks else spec.default_tasks
+        task_list = _parse_list(tasks, "--tasks") if tasks is not None else spec.default_tasks
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
         unknown = [t for t in task_list if t not in spec.tasks]
@@ -315,6 +331,7 @@ def train(
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
                     deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
+        code=code,
     )
 
 
@@ -324,16 +341,18 @@ def eval_(
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     dataset: Annotated[Optional[str], typer.Option(
         help="Data set to evaluate on [default: the run's]; needed for a stitch of columns from different data sets.")] = None,
-    device: Device = _T.device, data_root: DataRoot = None,
+    device: Device = _T.device, data_root: DataRoot = None, backbone: TrustBackbone = None,
 ):
     """Evaluate a run's saved network: per-task loss and accuracy and their mean; writes RUN/eval.csv."""
-    metrics = stages.eval_run(run, split, device, data_root, console, dataset)
+    metrics, not_saved = stages.eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
     table = Table(title=f"{run} ({split})")
     for col in ("task", "loss", "accuracy"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, m in metrics.items():
         table.add_row(task, f"{m['loss']:.4f}", f"{m['accuracy']:.4f}")
     console.print(table)
+    if not_saved is not None:
+        raise CsnetError(f"the metrics above were not saved: {not_saved}")
     console.print(f"written to {run / 'eval.csv'}", highlight=False)
 
 
@@ -351,6 +370,8 @@ def compare(
 
     out = out or default_out("compare")
     table, figures = compare_runs(runs, out, reference or None)
+    for note in table.attrs.get("notes", []):
+        print(f"warning: {note}", file=sys.stderr)
     header, cells = format_rows(table, table.attrs["tasks"])
     view = Table(title=f"test accuracy % at the best validation epoch (difference from {table.run.iloc[0]}, points)")
     for i, h in enumerate(header):
@@ -411,9 +432,11 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     if sub is None:
         raise UsageError("--config goes after the command, e.g. csnet train --config FILE.toml")
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})") from e
     params = {p.name: p for p in command.commands[sub].params}
@@ -427,8 +450,24 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
             raise UsageError(f"--config {path}: unknown key {key!r} for csnet {sub}; valid: {valid}")
         if isinstance(value, list) and not getattr(params[name], "multiple", False):
             value = ",".join(map(str, value))  # tasks = ["fine", "coarse"] -> "fine,coarse"
+        if value == "" or value == []:
+            raise UsageError(f"--config {path}: {key} is empty")
         defaults[name] = value
     return {sub: defaults}
+
+
+def _refuse_empty(command, argv: list[str]) -> None:
+    """``--tasks ""`` must not quietly mean the default: an option given an empty value is an error."""
+    sub = next((a for a in argv if a in command.commands), None)
+    if sub is None:
+        return
+    takes_value = {opt for p in command.commands[sub].params if p.param_type_name == "option"
+                   and not getattr(p, "is_flag", False) for opt in p.opts}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in takes_value and ((eq and not value.strip()) or
+                                    (not eq and i + 1 < len(argv) and not argv[i + 1].strip())):
+            raise UsageError(f"{name} is empty")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -447,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and sub not in (None, "train", "pretrain"):
             raise UsageError(f"csnet {sub} runs in one process; start it without torchrun "
                              "(only train and pretrain run under torchrun)")
+        _refuse_empty(command, argv)
         default_map = _config_defaults(command, argv)
         code = command.main(args=argv or ["--help"], prog_name="csnet", standalone_mode=False,
                             **({"default_map": default_map} if default_map else {}))
@@ -473,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
+        return 1
+    except OSError as e:  # storage faults that no narrower handler named: still one line, never a traceback
+        if _state["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
         distributed.teardown()

@@ -29,12 +29,28 @@ def read_metrics(run: Path) -> pd.DataFrame:
         raise UsageError(f"{run} has no {runio.METRICS} (a stitched run that was never trained? "
                          f"train it with: csnet train --from {run})")
     try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as e:
-        raise CsnetError(f"{path}: unreadable ({e})") from e
+        df = pd.read_csv(path, dtype={"split": str, "task": str, "metric": str}, keep_default_na=False,
+                         na_values={"value": ["nan", "NaN", ""]})
+    except (OSError, ValueError) as e:  # ValueError: a malformed table, or bytes that are not UTF-8
+        raise CsnetError(f"{path}: unreadable ({str(e).strip().splitlines()[0]})") from e
     missing = set(runio.METRIC_FIELDS) - set(df.columns)
     if missing or df.empty:
         raise CsnetError(f"{path}: not a csnet metrics file (missing {', '.join(sorted(missing)) or 'rows'})")
+    return _numeric(df, path)
+
+
+def _numeric(df: pd.DataFrame, path: Path, columns=("epoch", "value")) -> pd.DataFrame:
+    """Check that hand-edited or damaged tables hold numbers where numbers belong; name the first bad cell."""
+    for col in columns:
+        num = pd.to_numeric(df[col], errors="coerce")
+        bad = num.isna() & df[col].notna() & (df[col].astype(str).str.strip().str.lower() != "nan")
+        if col == "epoch":
+            bad |= num.isna() | (num < 0) | (num != num.round())
+        if bad.any():
+            line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
+            raise CsnetError(f"{path}, line {line}: {col} {df[col][bad].iloc[0]!r} is not "
+                             f"{'a whole epoch number' if col == 'epoch' else 'a number'}")
+        df[col] = num.astype(int) if col == "epoch" else num.astype(float)
     return df
 
 
@@ -62,7 +78,28 @@ def members(entry: Path) -> dict[int, Path]:
             raise UsageError(f"{entry} has no trained seed runs yet")
         return found
     config = runio.read_config(entry)
-    return {int((config.get("train") or {}).get("seed", 0)): entry}
+    seed = (runio.section(config, "train", entry, optional=True) or {}).get("seed", 0)
+    return {seed if isinstance(seed, int) else 0: entry}
+
+
+def shortfalls(entry: Path, label: str, metrics: dict[int, pd.DataFrame]) -> list[str]:
+    """What an entry promised and has not done: seeds of seeds.json without a trained run, and runs
+    stopped before their last epoch. compare says so rather than average fewer runs silently."""
+    entry = Path(entry)
+    notes = []
+    runs = runio.group_members(entry) if runio.is_group(entry) else members(entry)
+    absent = [s for s in runs if s not in metrics]
+    if absent:
+        notes.append(f"{label}: {len(metrics)} of {len(runs)} seeds trained (seed {', '.join(map(str, absent))} "
+                     f"missing)")
+    for seed, df in metrics.items():
+        train = runio.section(runio.read_config(runs[seed]), "train", runs[seed], optional=True) or {}
+        planned = train.get("epochs")
+        if isinstance(planned, int) and int(df.epoch.max()) < planned:
+            notes.append(f"{label}: {runs[seed]} stopped after epoch {int(df.epoch.max())} of {planned}")
+    if notes:
+        notes[-1] += f"; finish it with: csnet train --resume {entry}"
+    return notes
 
 
 def labels_for(runs: list[Path]) -> list[str]:
@@ -78,12 +115,16 @@ def entry_scores(entry: Path) -> tuple[pd.DataFrame, dict[int, pd.DataFrame], di
     metrics = {seed: read_metrics(path) for seed, path in runs.items()}
     rows, info = {}, {"epochs": [], "best_epoch": []}
     for seed, df in metrics.items():
-        s = summarize(df)
+        try:
+            s = summarize(df)
+        except CsnetError as e:
+            raise CsnetError(f"{runs[seed] / runio.METRICS}: {e}") from None
         rows[seed] = s["test"]
         info["epochs"].append(s["epochs"])
         info["best_epoch"].append(s["best_epoch"])
     first = runio.read_config(next(iter(runs.values())))
-    info["model_stats"] = first.get("model_stats") or {}
+    stats_ = first.get("model_stats")
+    info["model_stats"] = stats_ if isinstance(stats_, dict) else {}
     scores = pd.DataFrame.from_dict(rows, orient="index").sort_index()
     tasks = [c for c in scores.columns if c != "mean"]
     return scores[tasks + ["mean"]], metrics, info
@@ -146,6 +187,7 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
         for task in ref_table.columns:
             if task != "mean":
                 ref_scores.setdefault(task, float(ref_table[task].mean()))
+    notes = [n for label, run in zip(labels, runs) for n in shortfalls(run, label, entries[label][1])]
     base = entries[labels[0]][0]
     tasks = list(dict.fromkeys(t for scores, _, _ in entries.values() for t in scores.columns if t != "mean"))
     rows = []
@@ -166,6 +208,7 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["tasks"] = tasks
+    table.attrs["notes"] = notes
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
     metrics = {f"{label}" + (f" (seed {s})" if len(entries[label][1]) > 1 else ""): df
@@ -175,11 +218,26 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
     for label, run in zip(labels, runs):
         files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]
         if files:
-            finals[label] = pd.concat(pd.read_csv(f) for f in files)
+            finals[label] = pd.concat(_read_alpha(f) for f in files)
     if finals:
         figures.append(plots.alpha_side_by_side(finals, out / "alpha.png"))
-    write_report(table, tasks, figures, out, [str(r) for r in ref_paths])
+    write_report(table, tasks, figures, out, [str(r) for r in ref_paths], notes)
     return table, figures
+
+
+def _read_alpha(path: Path) -> pd.DataFrame:
+    """alpha_final.csv, checked: point, target, source, channel and a numeric value."""
+    try:
+        df = pd.read_csv(path, dtype={"point": str, "target": str, "source": str})
+    except (OSError, ValueError) as e:
+        raise CsnetError(f"{path}: unreadable ({str(e).strip().splitlines()[0]})") from e
+    missing = {"point", "target", "source", "channel", "value"} - set(df.columns)
+    if missing:
+        raise CsnetError(f"{path}: not a csnet alpha table (missing {', '.join(sorted(missing))})")
+    for col in ("channel", "value"):
+        if pd.to_numeric(df[col], errors="coerce").isna().any():
+            raise CsnetError(f"{path}: column {col} holds a value that is not a number")
+    return df
 
 
 def _cell(row: pd.Series, task: str, first: bool) -> str:
@@ -212,7 +270,8 @@ def format_rows(table: pd.DataFrame, tasks: list[str]) -> tuple[list[str], list[
     return header, cells
 
 
-def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out: Path, refs: list[str]) -> None:
+def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out: Path, refs: list[str],
+                 notes: list[str] = ()) -> None:
     header, cells = format_rows(table, tasks)
     lines = [
         "# csnet comparison", "",
@@ -222,6 +281,7 @@ def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out
         f"Δm: mean relative change per task against {', '.join(refs)}.", "",
         "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         *["| " + " | ".join(c) + " |" for c in cells], "",
+        *[f"**Note:** {n}." for n in notes], *([""] if notes else []),
     ]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     runio.atomic_write(out / "REPORT.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))

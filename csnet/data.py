@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from csnet.errors import CsnetError, UsageError
+from csnet.settings import MAX_SEED
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -111,6 +112,20 @@ class DataConfig:
     test_csv: str | None = None
     label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
 
+    def __post_init__(self):
+        if not 0 <= self.split_seed <= MAX_SEED:
+            raise UsageError(f"--split-seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), "
+                             f"got {self.split_seed}")
+        for option, n in (("--val-size", self.val_size), ("--train-size", self.train_size),
+                          ("--test-size", self.test_size)):
+            if n is not None and n < 1:
+                raise UsageError(f"{option} must be at least 1, got {n}")
+        for task, n in (self.starve or {}).items():
+            if n < 0:
+                raise UsageError(f"--starve {task}={n}: the number of labels kept must be 0 or more")
+        if self.dataset == "":
+            raise UsageError("--dataset is empty")
+
 
 def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     """ModelConfig settings for the data's input: image channels and size, or features per table row."""
@@ -156,6 +171,8 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(raw) < header:
         raise CsnetError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if 0 in dims:
+        raise CsnetError(f"{path}: header says {'x'.join(map(str, dims))}: a data set with an empty dimension")
     expected = 1
     for d in dims:
         expected *= d

@@ -14,11 +14,17 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from csnet.errors import CsnetError  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:  # a full disk, a read-only folder
+        raise CsnetError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -67,12 +67,18 @@ def run_path(name: str) -> Path:
 def ensure_new(path: Path, force: bool = False) -> Path:
     """Refuse an output folder that already has files in it, so nothing is overwritten.
 
-    With ``force`` an earlier run may be replaced; a folder that holds anything else never is.
+    With ``force`` an earlier run may be replaced, or an unfinished one (stopped before it wrote
+    config.json) started again; a folder that holds anything else never is.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
+        if is_partial(path):
+            if not force:
+                raise UsageError(f"--out {path} holds a run that was stopped before it started (no {CONFIG}); "
+                                 "pass --force to start it again, or choose a new folder")
+            return path
         if not is_run(path):
             raise UsageError(f"--out {path} already holds files; choose a new folder")
         if not force:
@@ -81,19 +87,53 @@ def ensure_new(path: Path, force: bool = False) -> Path:
     return path
 
 
+def _own(entry: Path) -> bool:
+    """One of the files csnet writes into a run folder, or a temporary file of ``atomic_write``."""
+    name = entry.name
+    if name in RUN_FILES:
+        return True
+    if name.startswith(".") and name.endswith(".tmp"):
+        return any(name.startswith(f".{own}.") for own in RUN_FILES)
+    return False
+
+
+def is_partial(path: Path) -> bool:
+    """A folder a run created and was stopped in before it wrote config.json: only csnet's own files
+    (plots/, a model.pt, temporary files), so --force may start it again."""
+    path = Path(path)
+    if not path.is_dir() or (path / CONFIG).exists() or (path / SEEDS).exists():
+        return False
+    entries = list(path.iterdir())
+    return bool(entries) and all(_own(e) and (not e.is_dir() or e.name == "plots") for e in entries)
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """``.NAME.*.tmp`` files that a write killed half-way left behind."""
+    return [e for e in Path(path).glob(".*.tmp") if _own(e)]
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    for tmp in stale_temporaries(path):
+        tmp.unlink(missing_ok=True)
+
+
 def clear_run(path: Path) -> None:
     """Remove an earlier run's own files (only those) before --force writes a new run there."""
-    for target in [path / name for name in RUN_FILES] + sorted(path.glob("seed-*")):
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    targets = [path / name for name in RUN_FILES] + stale_temporaries(path) + sorted(path.glob("seed-*"))
+    try:
+        for target in targets:
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    except OSError as e:
+        raise CsnetError(f"cannot remove the earlier run in {path} for --force: {e.strerror or e}") from e
 
 
 def new_folder(path: Path, force: bool = False) -> Path:
     """Make an empty output folder (see ``ensure_new``)."""
     path = ensure_new(path, force)
-    if force and is_run(path):
+    if force and (is_run(path) or is_partial(path)):
         clear_run(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -102,8 +142,11 @@ def new_folder(path: Path, force: bool = False) -> Path:
     return path
 
 
-def create_run(path: Path, force: bool = False) -> Path:
+def create_run(path: Path, config: dict, force: bool = False) -> Path:
+    """Make the run folder and write its identity, config.json, before anything else: a run stopped at
+    any later moment is then a run that --resume or --force recognises."""
     new_folder(path, force)
+    write_json(path / CONFIG, config)
     (path / "plots").mkdir(exist_ok=True)
     return path
 
@@ -117,13 +160,23 @@ def is_group(path: Path) -> bool:
     return (Path(path) / SEEDS).is_file()
 
 
+def read_group(path: Path) -> dict:
+    """A --seeds folder's seeds.json: ``seeds`` (a list of whole numbers) and, from csnet versions that
+    record it, ``plan``: what every seed runs, so --resume can run the seeds not yet started."""
+    file = Path(path) / SEEDS
+    group = read_json(file)
+    seeds = group.get("seeds")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                      for s in seeds)):
+        raise CsnetError(f"{file}: 'seeds' should be a list of whole numbers, found {seeds!r}")
+    if not isinstance(group.get("plan", {}), dict):
+        raise CsnetError(f"{file}: 'plan' should be an object")
+    return group
+
+
 def group_members(path: Path) -> dict[int, Path]:
     """{seed: RUN/seed-N} of a --seeds folder."""
-    try:
-        seeds = json.loads((Path(path) / SEEDS).read_text())["seeds"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CsnetError(f"{Path(path) / SEEDS}: unreadable ({e})") from e
-    return {int(s): Path(path) / f"seed-{s}" for s in seeds}
+    return {s: Path(path) / f"seed-{s}" for s in read_group(path)["seeds"]}
 
 
 def require_run(path: Path) -> Path:
@@ -134,17 +187,32 @@ def require_run(path: Path) -> Path:
     return path
 
 
+def write_failed(path: Path, e: BaseException) -> CsnetError:
+    """One line for a write that storage refused; torch.save reports a short write as a RuntimeError."""
+    reason = (e.strerror or str(e)) if isinstance(e, OSError) else "the write failed (is the disk full?)"
+    kept = "the previous one is intact" if path.exists() else "no earlier one exists"
+    return CsnetError(f"cannot write {path}: {reason}; {kept}")
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it, so a crash leaves the old file whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file in the same folder and rename it, so a crash leaves the old file whole.
+    A storage fault (a full disk, a read-only folder) is one CsnetError naming the file."""
+    path = Path(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, e) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -152,12 +220,32 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
-def read_config(run: Path) -> dict:
-    path = require_run(run) / CONFIG
+def read_json(path: Path) -> dict:
+    """A JSON object from a run folder; anything else (unreadable, not UTF-8, not an object) is one error."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CsnetError(f"{path}: unreadable ({e})") from e
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CsnetError(f"{path}: unreadable ({e.strerror or e})") from e
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise CsnetError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CsnetError(f"{path}: not a JSON object (found {type(value).__name__})")
+    return value
+
+
+def read_config(run: Path) -> dict:
+    return read_json(require_run(run) / CONFIG)
+
+
+def section(config: dict, name: str, run: Path, optional: bool = False) -> dict | None:
+    """``config[name]`` of a run's config.json, checked to be an object."""
+    value = config.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict):
+        what = "missing" if value is None else f"not an object (found {type(value).__name__})"
+        raise CsnetError(f"{Path(run) / CONFIG}: section {name!r} is {what}")
+    return value
 
 
 def code_version() -> dict:
@@ -213,19 +301,28 @@ class CsvAppender:
     def __init__(self, path: Path, fields: tuple[str, ...], keep_before_epoch: int | None = None):
         if keep_before_epoch is not None and path.exists():
             truncate_metrics(path, keep_before_epoch)
+        self._path = path
         new = not path.exists()
-        self._file = open(path, "a", newline="")
+        try:
+            self._file = open(path, "a", newline="")
+        except OSError as e:
+            raise write_failed(path, e) from e
         self._csv = csv.writer(self._file)
         if new:
-            self._csv.writerow(fields)
-            self._file.flush()
+            self.rows([fields])
 
     def rows(self, rows) -> None:
-        self._csv.writerows(rows)
-        self._file.flush()
+        try:
+            self._csv.writerows(rows)
+            self._file.flush()
+        except OSError as e:
+            raise CsnetError(f"cannot write {self._path}: {e.strerror or e}; the rows before it are kept") from e
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the failed write was reported where it happened
+            pass
 
 
 class MetricsWriter(CsvAppender):
@@ -254,11 +351,8 @@ def truncate_metrics(path: Path, before_epoch: int) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    try:
-        atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
-    except OSError as e:  # a full disk, a removed folder: the previous file is still whole
-        kept = "the previous one is intact" if path.exists() else "no earlier one exists"
-        raise CsnetError(f"cannot write {path}: {e.strerror or e}; {kept}") from e
+    """A full disk or a removed folder is one error; the previous file is still whole (atomic_write)."""
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -15,32 +15,92 @@ from csnet import distributed, plots, runio
 from csnet.compare import read_metrics
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
+from csnet.models.backbones import is_custom
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
 from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device
 
 
-def _write_config(run: Path, command: str, device: torch.device, **sections) -> None:
-    runio.write_json(run / runio.CONFIG, {"command": command, **sections, "environment": runio.environment(device)})
+def _config(command: str, device: torch.device, **sections) -> dict:
+    return {"command": command, **sections, "environment": runio.environment(device)}
+
+
+def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | None) -> None:
+    """A run folder is data: the network it describes is rebuilt only from csnet's own backbones,
+    unless the user names the run's ``module:function`` backbone on this command line (``code``).
+    Otherwise evaluating a downloaded run would import whatever module its folder holds."""
+    stray = [c for c in code if c != model_cfg.backbone]
+    if stray and origin is not None:
+        raise UsageError(f"--backbone {stray[0]} does not match {origin}, whose network uses backbone "
+                         f"{model_cfg.backbone} (with a run, --backbone only names the run's own module:function, "
+                         "to allow importing it)")
+    if is_custom(model_cfg.backbone) and model_cfg.backbone not in code:
+        raise UsageError(f"{origin} was built with your own backbone {model_cfg.backbone}; csnet never imports code "
+                         f"that a run folder names. If you trust that code, name it on this command line: "
+                         f"--backbone {model_cfg.backbone}")
+
+
+def _build(model_cfg: ModelConfig, code: tuple[str, ...] = (), origin: Path | None = None,
+           weights: Path | None = None):
+    check_code(model_cfg, code, origin)
+    try:
+        return build_network(model_cfg, weights)
+    except (RuntimeError, MemoryError, OverflowError) as e:  # sizes that cannot be allocated
+        raise CsnetError(f"cannot build the network ({model_cfg.backbone}): {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
+def _load_state(net, state: dict, path: Path) -> None:
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise CsnetError(f"{path}: its weights do not fit its model config ({_first_line(e)})") from e
+
+
+def _check_norm(norm, path: Path):
+    """Input statistics of a checkpoint: None, or finite mean and positive std (numbers or 1-d tensors)."""
+    if norm is None:
+        return None
+    ok = isinstance(norm, dict) and set(norm) == {"mean", "std"}
+    for key in ("mean", "std") if ok else ():
+        v = norm[key]
+        if isinstance(v, torch.Tensor):
+            ok = ok and v.dim() <= 1 and v.is_floating_point() and bool(torch.isfinite(v).all())
+            ok = ok and (key == "mean" or bool((v > 0).all()))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            ok = ok and torch.isfinite(torch.tensor(float(v))).item() and (key == "mean" or v > 0)
+        else:
+            ok = False
+    if not ok:
+        raise CsnetError(f"{path}: 'norm' should hold a finite mean and a positive std")
+    return norm
 
 
 def _load_model(run: Path):
-    """The network config, weights and input statistics stored in a run's model.pt."""
-    ckpt = runio.load_checkpoint(runio.require_run(run) / runio.MODEL)
-    try:
-        return ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"], ckpt.get("norm")
-    except (KeyError, TypeError) as e:
-        raise CsnetError(f"{run / runio.MODEL}: checkpoint has no usable model config ({e})") from e
+    """The network config, weights and input statistics stored in a run's model.pt, each checked."""
+    path = runio.require_run(run) / runio.MODEL
+    ckpt = runio.load_checkpoint(path)
+    model_cfg = ModelConfig.from_dict(ckpt.get("model_config"), str(path))
+    state = ckpt.get("model")
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise CsnetError(f"{path}: 'model' is not a set of named tensors")
+    return model_cfg, state, _check_norm(ckpt.get("norm"), path)
 
 
 def run_data_config(run: Path) -> DataConfig:
     if runio.is_group(run):
         run = next(iter(runio.group_members(run).values()))
     config = runio.read_config(run)
-    if not config.get("data"):
+    data = runio.section(config, "data", run, optional=True)
+    if not data:
         raise UsageError(f"{run} does not record one data set (its columns came from different ones); pass --dataset")
-    return from_dict(DataConfig, config["data"], "data")
+    return from_dict(DataConfig, data, "data", str(run / runio.CONFIG))
 
 
 def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
@@ -59,7 +119,7 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
 
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,
                   train_cfg: TrainConfig, out: Path, console: Console, quiet: bool, source: Path | None,
-                  force: bool = False, weights: Path | None = None) -> Path:
+                  force: bool = False, weights: Path | None = None, code: tuple[str, ...] = ()) -> Path:
     distributed.setup(train_cfg.device)
     main = distributed.world().is_main
     console = console if main else Console(quiet=True)
@@ -69,9 +129,9 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
         device, note = resolve_device(train_cfg.device)
         torch.manual_seed(train_cfg.seed)
-        net = build_network(model_cfg, weights)  # a bad stitch point or backbone fails here, before the data loads
+        net = _build(model_cfg, code, source, weights)  # a bad stitch point or backbone fails here, before the data
         if state is not None:
-            net.load_state_dict(state)
+            _load_state(net, state, source / runio.MODEL)
         if note:
             console.print(note, highlight=False)
         data = data_lib.load(data_cfg, model_cfg.tasks)
@@ -83,16 +143,15 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
     n_params = sum(p.numel() for p in net.parameters())
 
     def create():
-        run = runio.create_run(out, force)
         model_stats = {"parameters": n_params, "unit_parameters": n_units,
                        "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
-        _write_config(
-            run, command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
+        config = _config(
+            command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
             source=str(source) if source else None, data_stats=_data_stats(data),
             weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
             model_stats=model_stats, processes=distributed.world().size,
         )
-        return run
+        return runio.create_run(out, config, force)
 
     run = distributed.together(create, main_only=True) or out
     console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
@@ -122,24 +181,34 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     return run
 
 
-def _seeds_folder(seeds: list[int], out: Path, force: bool) -> Path:
-    """OUT/ for OUT/seed-N runs, marked by OUT/seeds.json so compare reads it as one entry."""
+def _seeds_folder(seeds: list[int], out: Path, force: bool, plan: dict | None = None) -> Path:
+    """OUT/ for OUT/seed-N runs, marked by OUT/seeds.json so compare reads it as one entry. ``plan`` is
+    what every seed runs, so ``train --resume OUT`` can also start the seeds an interruption never reached."""
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
     runio.new_folder(out, force)
-    runio.write_json(out / runio.SEEDS, {"seeds": seeds})
+    runio.write_json(out / runio.SEEDS, {"seeds": seeds, **({"plan": plan} if plan else {})})
     return out
 
 
-def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one) -> Path:
-    """Run ``one(seed, OUT/seed-N)`` for every seed; OUT/seeds.json marks the folder as one entry for
-    compare, OUT/summary.csv holds each task's test accuracy over the seeds (mean, std, 95% CI)."""
-    from csnet.compare import write_summary
+def _plan(command: str, data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig,
+          from_run: Path | None, weights: Path | None) -> dict:
+    return {"command": command, "data": asdict(data_cfg), "model": model_cfg.to_dict() if model_cfg else None,
+            "train": asdict(train_cfg), "from": str(from_run) if from_run else None,
+            "weights": str(weights) if weights else None}
 
-    distributed.together(lambda: _seeds_folder(seeds, out, force), main_only=True)
+
+def _finish_seeds(seeds: list[int], out: Path, console: Console, one) -> Path:
+    """Run ``one(seed, OUT/seed-N)`` for every seed, then write OUT/summary.csv."""
+    from csnet.compare import write_summary
+    from csnet.train import Interrupted
+
     for seed in seeds:
         console.print(f"[seed {seed}]", highlight=False)
-        one(seed, out / f"seed-{seed}")
+        try:
+            one(seed, out / f"seed-{seed}")
+        except Interrupted as e:
+            raise Interrupted(f"{e}; to finish every seed: csnet train --resume {out}") from None
     if not distributed.world().is_main:
         return out
     summary = write_summary(out)
@@ -149,19 +218,28 @@ def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one) 
     return out
 
 
+def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one, plan: dict) -> Path:
+    """Run ``one(seed, OUT/seed-N)`` for every seed; OUT/seeds.json marks the folder as one entry for
+    compare, OUT/summary.csv holds each task's test accuracy over the seeds (mean, std, 95% CI)."""
+    distributed.together(lambda: _seeds_folder(seeds, out, force, plan), main_only=True)
+    return _finish_seeds(seeds, out, console, one)
+
+
 def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
              console: Console, quiet: bool = False, force: bool = False, weights: Path | None = None,
-             seeds: list[int] | None = None) -> Path:
+             seeds: list[int] | None = None, code: tuple[str, ...] = ()) -> Path:
     """One single-task column: what the paper initialises each column of a cross-stitch net from."""
     if seeds:
         return over_seeds(seeds, out, force, console, lambda seed, folder: pretrain(
-            task, data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet, weights=weights))
-    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force, weights)
+            task, data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet, weights=weights,
+            code=code), _plan("pretrain", data_cfg, model_cfg, train_cfg, None, weights))
+    return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, force, weights,
+                         code)
 
 
 def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out: Path,
           console: Console, quiet: bool = False, from_run: Path | None = None, force: bool = False,
-          weights: Path | None = None, seeds: list[int] | None = None) -> Path:
+          weights: Path | None = None, seeds: list[int] | None = None, code: tuple[str, ...] = ()) -> Path:
     """Train a network from scratch (``model_cfg``) or continue one saved in ``from_run``.
 
     ``from_run`` may be a --seeds folder: seed N then starts from its seed-N network.
@@ -175,7 +253,8 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
     if seeds:
         return over_seeds(seeds, out, force, console, lambda seed, folder: train(
             data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet,
-            from_run=sources[seed] if sources else from_run, weights=weights))
+            from_run=sources[seed] if sources else from_run, weights=weights, code=code),
+            _plan("train", data_cfg, model_cfg, train_cfg, from_run, weights))
     state = None
     if from_run is not None:
         model_cfg, state, _ = _load_model(from_run)
@@ -185,26 +264,112 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
                              f"but {data_cfg.dataset} has no task {', '.join(missing)} (its tasks: {', '.join(spec.tasks)})")
     return _fit_and_save("train", model_cfg, state, data_cfg, train_cfg, out, console, quiet, from_run, force,
-                         weights)
+                         weights, code)
+
+
+def _start_again(plan: dict, seed: int | None, out: Path, console: Console, quiet: bool, code: tuple[str, ...],
+                 source: Path) -> Path:
+    """Run ``plan`` (see ``_plan``) from its first step in ``out``, replacing what an interrupted start left."""
+    where = str(source)
+    if plan.get("command") not in ("train", "pretrain"):
+        raise CsnetError(f"{where}: 'command' should be train or pretrain, found {plan.get('command')!r}")
+    for key in ("from", "weights"):
+        if not isinstance(plan.get(key), (str, type(None))):
+            raise CsnetError(f"{where}: {key!r} should be a path or null, found {plan.get(key)!r}")
+    data_cfg = from_dict(DataConfig, plan.get("data"), "data", where)
+    train_cfg = TrainConfig.from_dict(plan.get("train"), where)
+    if seed is not None:
+        train_cfg = replace(train_cfg, seed=seed)
+    from_run = Path(plan["from"]) if plan.get("from") else None
+    weights = Path(plan["weights"]) if plan.get("weights") else None
+    model_cfg = ModelConfig.from_dict(plan["model"], where) if plan.get("model") is not None else None
+    if from_run is not None:
+        if runio.is_group(from_run):
+            members = runio.group_members(from_run)
+            if train_cfg.seed not in members:
+                raise UsageError(f"{from_run} has no seed {train_cfg.seed}")
+            from_run = members[train_cfg.seed]
+        return train(data_cfg, None, train_cfg, out, console, quiet, from_run=from_run, force=True, code=code)
+    if model_cfg is None:
+        raise CsnetError(f"{where}: records neither a network ('model') nor a run it started from ('from')")
+    if plan["command"] == "pretrain":
+        return _fit_and_save("pretrain", model_cfg, None, data_cfg, train_cfg, out, console, quiet, None, True,
+                             weights, code)
+    return train(data_cfg, model_cfg, train_cfg, out, console, quiet, force=True, weights=weights, code=code)
+
+
+def _plan_of_run(config: dict, run: Path) -> dict:
+    """What a run's config.json says it runs, as a plan for ``_start_again``."""
+    weights = runio.section(config, "weights", run, optional=True)
+    return {"command": config.get("command"), "data": runio.section(config, "data", run),
+            "model": None if config.get("source") else runio.section(config, "model", run),
+            "train": runio.section(config, "train", run), "from": config.get("source"),
+            "weights": weights.get("path") if weights else None}
+
+
+def _check_last(last: dict, path: Path) -> dict:
+    """The parts of last.pt that resume reads, checked before they are used."""
+    needed = ("position", "best", "optimizer", "rng", "model_config", "model")
+    missing = [k for k in needed if not isinstance(last.get(k), dict)]
+    if missing:
+        hint = " (it looks like a copy of model.pt)" if "epoch" in last and "position" not in last else ""
+        raise CsnetError(f"{path}: not a training checkpoint: no {', '.join(missing)}{hint}")
+    position, best = last["position"], last["best"]
+    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    if not (whole(position.get("epoch"), 1) and whole(position.get("step"), 0)
+            and whole(position.get("world_size", 1), 1)):
+        raise CsnetError(f"{path}: 'position' should hold a whole epoch (from 1) and step, found {position}")
+    if not (whole(best.get("epoch"), 0) and isinstance(best.get("val_accuracy"), (int, float))):
+        raise CsnetError(f"{path}: 'best' should hold an epoch and a validation accuracy, found {best}")
+    return last
+
+
+def status(run: Path, epochs: int | None = None) -> str:
+    """``finished``, ``interrupted`` (last.pt to continue from) or ``unstarted`` (no checkpoint yet:
+    stopped before its first one, or never begun)."""
+    if not (run / runio.CONFIG).is_file() or not (run / runio.LAST).is_file():
+        return "unstarted"
+    config = runio.read_config(run)
+    train_cfg = TrainConfig.from_dict(runio.section(config, "train", run), str(run / runio.CONFIG))
+    last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
+    return "finished" if last["position"]["epoch"] > (epochs or train_cfg.epochs) else "interrupted"
 
 
 def resume(run: Path, console: Console, *, epochs: int | None = None, device: str | None = None,
-           quiet: bool = False) -> Path:
+           quiet: bool = False, code: tuple[str, ...] = ()) -> Path:
     """Continue a run from RUN/last.pt: weights, optimizer, schedule, RNG states, epoch and step, best so far.
 
-    On the CPU the finished run's metrics.csv equals an uninterrupted run's (timings aside).
+    On the CPU the finished run's metrics.csv equals an uninterrupted run's (timings aside). A --seeds
+    folder continues every seed: the interrupted one exactly, then the ones not yet begun. A run
+    stopped before its first checkpoint starts again from its config.json.
     """
+    run = Path(run)
+    if runio.is_group(run):
+        return _resume_group(run, console, epochs=epochs, device=device, quiet=quiet, code=code)
+    if runio.is_partial(run):
+        raise UsageError(f"{run} was stopped before it wrote {runio.CONFIG}, so its settings are unknown: "
+                         "rerun the command that made it, with --force")
     config = runio.read_config(run)
+    source = run / runio.CONFIG
     if config.get("command") not in ("train", "pretrain"):
         raise UsageError(f"{run} is a {config.get('command')} run; only train and pretrain runs can be resumed")
-    train_cfg = TrainConfig.from_dict(config["train"])
+    train_cfg = TrainConfig.from_dict(runio.section(config, "train", run), str(source))
+    if distributed.world().is_main:
+        runio.remove_stale_temporaries(run)  # half-written files of the write a kill interrupted
+    if not (run / runio.LAST).is_file():
+        plan = _plan_of_run(config, run)
+        if epochs is not None or device is not None:
+            plan["train"] = {**plan["train"], **({"epochs": epochs} if epochs else {}),
+                             **({"device": device} if device else {})}
+        console.print(f"{run} stopped before its first checkpoint: starting it again", highlight=False)
+        return _start_again(plan, None, run, console, quiet, code, source)
     distributed.setup(device or train_cfg.device)
     w = distributed.world()
     console = console if w.is_main else Console(quiet=True)
 
     def setup():
         nonlocal train_cfg
-        last = runio.load_checkpoint(run / runio.LAST)
+        last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
         if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
             raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its --epochs {train_cfg.epochs}; "
                              "resume it without --epochs")
@@ -218,14 +383,15 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
             how = f"torchrun --nproc-per-node {saved_world} -m csnet" if saved_world > 1 else "csnet (without torchrun)"
             raise UsageError(f"{run} stopped mid-epoch with {saved_world} process(es), and an epoch's shards depend "
                              f"on their number; resume it with {how} train --resume {run}")
-        model_cfg = ModelConfig.from_dict(last["model_config"])
+        model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
         dev, note = resolve_device(train_cfg.device)
         if note:
             console.print(note, highlight=False)
-        data = data_lib.load(from_dict(DataConfig, config["data"], "data"), model_cfg.tasks)
+        data = data_lib.load(from_dict(DataConfig, runio.section(config, "data", run), "data", str(source)),
+                             model_cfg.tasks)
         _check_geometry(model_cfg, data)
-        net = build_network(model_cfg)
-        net.load_state_dict(last["model"])
+        net = _build(model_cfg, code, run)
+        _load_state(net, last["model"], run / runio.LAST)
         return last, position, model_cfg, dev, data, net
 
     last, position, model_cfg, dev, data, net = distributed.together(setup)
@@ -239,9 +405,35 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     return _fit(net, model_cfg, data, train_cfg, run, dev, console, quiet or not w.is_main, last)
 
 
+def _resume_group(group: Path, console: Console, *, epochs: int | None, device: str | None, quiet: bool,
+                  code: tuple[str, ...]) -> Path:
+    """Finish every seed of a --seeds folder, then write its summary.csv."""
+    info = runio.read_group(group)
+    plan = info.get("plan")
+
+    def one(seed: int, folder: Path) -> None:
+        state = status(folder, epochs)
+        if state == "finished":
+            console.print(f"{folder}: finished", highlight=False)
+        elif state == "interrupted":
+            resume(folder, console, epochs=epochs, device=device, quiet=quiet, code=code)
+        elif (folder / runio.CONFIG).is_file():
+            resume(folder, console, epochs=epochs, device=device, quiet=quiet, code=code)  # starts it again
+        elif plan is None:
+            raise UsageError(f"{folder} was never started, and {group / runio.SEEDS} (from an older csnet) does not "
+                             "record what it runs: rerun the command that made the folder, with --force")
+        else:
+            seed_plan = plan if epochs is None else {**plan, "train": {**plan["train"], "epochs": epochs}}
+            if device is not None:
+                seed_plan = {**seed_plan, "train": {**seed_plan["train"], "device": device}}
+            _start_again(seed_plan, seed, folder, console, quiet, code, group / runio.SEEDS)
+
+    return _finish_seeds(list(runio.group_members(group)), group, console, one)
+
+
 def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,
            tasks: list[str] | None = None, force: bool = False, unit_mode: str = "channel",
-           unit_init: str = "alpha-beta") -> Path:
+           unit_init: str = "alpha-beta", code: tuple[str, ...] = ()) -> Path:
     """Build a cross-stitch network whose columns start from single-task runs ("pretrain, then stitch",
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
@@ -255,13 +447,14 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
         if not common:
             raise UsageError(f"the --seeds folders {', '.join(map(str, sources))} share no seed")
         return over_seeds_stitch(common, members, out, force, stitch=stitch, alpha=alpha, beta=beta, tasks=tasks,
-                                 unit_mode=unit_mode, unit_init=unit_init)
+                                 unit_mode=unit_mode, unit_init=unit_init, code=code)
     runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
         if len(cfg.tasks) != 1 or cfg.arch != "cross-stitch":
             raise UsageError(f"{src} has {len(cfg.tasks)} task(s) ({', '.join(cfg.tasks)}, arch {cfg.arch}); "
                              "stitch takes single-task pretrain runs")
+        check_code(cfg, code, src)
     first_arch = loaded[0][0].column_arch()
     for src, (cfg, _, _) in zip(sources[1:], loaded[1:]):
         arch = cfg.column_arch()
@@ -269,7 +462,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
                 if first_arch.get(k) != arch.get(k)]
         if diff:
             raise UsageError(f"columns differ: {sources[0]} and {src} have {'; '.join(diff)}")
-    data_cfgs = [runio.read_config(s).get("data") for s in sources]
+    data_cfgs = [runio.section(runio.read_config(s), "data", s, optional=True) for s in sources]
     same_data = all(d == data_cfgs[0] for d in data_cfgs)
     names = tasks or [cfg.tasks[0] for cfg, _, _ in loaded]
     if len(names) != len(sources):
@@ -279,17 +472,18 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
                             **loaded[0][0].column_arch())
-    net = build_network(model_cfg)
-    for name, (cfg, state, _) in zip(names, loaded):
+    net = _build(model_cfg, code, sources[0])
+    for src, name, (cfg, state, _) in zip(sources, names, loaded):
         prefix = f"columns.{cfg.tasks[0]}."
-        net.columns[name].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    run = runio.create_run(out, force)
+        _load_state(net.columns[name], {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                    src / runio.MODEL)
+    # config.json first: a stitch stopped before model.pt is a run that --force replaces
+    run = runio.create_run(out, _config("stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
+                                        model=model_cfg.to_dict(), sources=[str(s) for s in sources]), force)
     # one input normalisation for all columns; columns from different data sets get the statistics
     # of whatever data set the network is later trained or evaluated on
     runio.save_checkpoint(run / runio.MODEL, {"model_config": model_cfg.to_dict(), "model": net.state_dict(),
                                               "epoch": 0, "norm": loaded[0][2] if same_data else None})
-    _write_config(run, "stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
-                  model=model_cfg.to_dict(), sources=[str(s) for s in sources])
     return run
 
 
@@ -302,18 +496,25 @@ def over_seeds_stitch(seeds, members, out, force, **kw) -> Path:
 
 
 def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | None = None,
-             console: Console | None = None, dataset: str | None = None) -> dict:
-    """Evaluate a run's saved network on a split; writes (or updates that split's rows in) RUN/eval.csv."""
+             console: Console | None = None, dataset: str | None = None,
+             code: tuple[str, ...] = ()) -> tuple[dict, CsnetError | None]:
+    """Evaluate a run's saved network on a split; writes (or updates that split's rows in) RUN/eval.csv.
+
+    Returns the metrics and, when eval.csv could not be written (read-only storage, a full disk),
+    that error: the metrics are still worth printing.
+    """
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
     model_cfg, state, norm = _load_model(run)
     if dataset is not None:
         # another data set, with the split settings the run (or its first source) used, and its own statistics
         config = runio.read_config(run)
-        base = config.get("data") or (runio.read_config(Path(config["sources"][0])).get("data")
-                                      if config.get("sources") else None)
-        data_cfg = replace(from_dict(DataConfig, base, "data") if base else DataConfig(), dataset=dataset,
-                           starve=None)
+        base = runio.section(config, "data", run, optional=True)
+        sources = config.get("sources")
+        if not base and isinstance(sources, list) and sources and isinstance(sources[0], str):
+            base = runio.section(runio.read_config(Path(sources[0])), "data", Path(sources[0]), optional=True)
+        data_cfg = replace(from_dict(DataConfig, base, "data", str(run / runio.CONFIG)) if base else DataConfig(),
+                           dataset=dataset, starve=None)
         norm = None
     else:
         data_cfg = run_data_config(run)
@@ -324,25 +525,35 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
         console.print(note, highlight=False)
     data = data_lib.load(data_cfg, model_cfg.tasks)
     _check_geometry(model_cfg, data)
-    net = build_network(model_cfg)
-    net.load_state_dict(state)
+    net = _build(model_cfg, code, run)
+    _load_state(net, state, run / runio.MODEL)
     net.to(device)
     norm = norm or {"mean": data.mean, "std": data.std}
     mean, std = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (norm["mean"], norm["std"]))
     metrics = evaluate(net, data.split(split).to(device), mean=mean, std=std)
-    _write_eval_csv(run / "eval.csv", split, metrics)
-    return metrics
+    try:
+        _write_eval_csv(run / "eval.csv", split, metrics)
+    except CsnetError as e:
+        return metrics, e
+    return metrics, None
 
 
 def _write_eval_csv(path: Path, split: str, metrics: dict) -> None:
+    fields = ["split", "task", "metric", "value"]
     rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("split") != split]
+    if path.is_file():  # keep the other split's rows
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != fields:
+                    raise ValueError(f"its header is {reader.fieldnames}, not {fields}")
+                rows = [r for r in reader if r.get("split") != split]
+        except (OSError, ValueError, csv.Error) as e:
+            raise CsnetError(f"{path}: not a csnet eval table ({e}); move it away to write a new one") from e
     rows += [{"split": split, "task": t, "metric": m, "value": f"{v:.6g}"}
              for t, ms in metrics.items() for m, v in ms.items()]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["split", "task", "metric", "value"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     runio.atomic_write(path, lambda f: f.write(buf.getvalue().encode()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -57,6 +58,12 @@ def _encode(df: pd.DataFrame, tasks, classes: dict[str, list], path: str, labels
                          "--tasks or --label-columns)")
     if features.isna().any().any():
         raise CsnetError(f"{path}: empty feature cells in {', '.join(features.columns[features.isna().any()])}")
+    values = features.to_numpy(dtype="float32")  # 1e39 is finite in the file, inf in float32
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i[0]) for i in bad.nonzero())
+        raise CsnetError(f"{path}: row {row + 1} (line {row + 2}), column {features.columns[col]}: "
+                         f"{features.iat[row, col]!r} is not a finite float32 number; features must be finite")
     labels = {}
     for t in tasks:
         index = {v: i for i, v in enumerate(classes[t])}
@@ -64,7 +71,7 @@ def _encode(df: pd.DataFrame, tasks, classes: dict[str, list], path: str, labels
         if unknown:
             raise CsnetError(f"{path}: {t} has value(s) {sorted(unknown)[:3]} not seen in the training table")
         labels[t] = torch.tensor([index.get(v, MISSING_LABEL) if pd.notna(v) else MISSING_LABEL for v in df[t]])
-    return Split(torch.tensor(features.to_numpy(dtype="float32")), labels)
+    return Split(torch.from_numpy(values), labels)
 
 
 def load_csv(cfg: DataConfig, spec: DatasetSpec, tasks) -> Data:

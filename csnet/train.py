@@ -23,12 +23,13 @@ from csnet.data import MISSING_LABEL, Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
-from csnet.settings import from_dict
+from csnet.settings import MAX_SEED, from_dict
 from csnet.state import StopRequest, capture_rng, restore_rng
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_COUNT = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,16 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
+        finite = math.isfinite
         checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
-            (self.stitch_lr_mult > 0, "--stitch-lr-mult must be positive"),
+            (1 <= self.epochs <= MAX_COUNT, f"--epochs must be from 1 to {MAX_COUNT:,}"),
+            (1 <= self.batch_size <= MAX_COUNT, f"--batch-size must be from 1 to {MAX_COUNT:,}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), "
+                                         f"got {self.seed}"),
+            (finite(self.lr) and self.lr > 0, "--lr must be a positive number"),
+            (finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be a finite number, 0 or more"),
+            (finite(self.momentum) and self.momentum >= 0, "--momentum must be a finite number, 0 or more"),
+            (finite(self.stitch_lr_mult) and self.stitch_lr_mult > 0, "--stitch-lr-mult must be a positive number"),
             (self.lr_schedule in SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}"),
@@ -74,8 +79,8 @@ class TrainConfig:
                 raise UsageError(message)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return from_dict(cls, d, "training")
+    def from_dict(cls, d: dict, source: str | None = None) -> "TrainConfig":
+        return from_dict(cls, d, "training", source)
 
 
 @contextmanager
@@ -171,16 +176,22 @@ class _Tally:
         return self
 
     def result(self) -> dict[str, dict[str, float]]:
-        out = {}
+        """Per task, and their mean over the tasks that had labels. A task without labels has no
+        values (NaN) and no part in the mean; a NaN of a task that had labels makes the mean NaN."""
+        out, labelled = {}, []
         for task, s in self.sums.items():
             loss, correct, n = s.tolist()
             out[task] = {"loss": loss / n, "accuracy": correct / n} if n else {"loss": math.nan, "accuracy": math.nan}
-        accs = [m["accuracy"] for m in out.values() if not math.isnan(m["accuracy"])]
-        out["mean"] = {
-            "loss": sum(m["loss"] for m in out.values() if not math.isnan(m["loss"])) / max(len(accs), 1),
-            "accuracy": sum(accs) / len(accs) if accs else math.nan,
-        }
+            if n:
+                labelled.append(out[task])
+        out["mean"] = {key: sum(m[key] for m in labelled) / len(labelled) if labelled else math.nan
+                       for key in ("loss", "accuracy")}
         return out
+
+    def total_loss(self) -> float:
+        """The training objective's value: the sum of the per-task mean losses (tasks that had labels)."""
+        per_task = [s[0].item() / s[2].item() for s in self.sums.values() if s[2].item()]
+        return sum(per_task) if per_task else math.nan
 
 
 def _task_terms(logits: torch.Tensor, y: torch.Tensor):
@@ -292,7 +303,7 @@ def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, ep
         if distributed.any_(stop.requested is not None, device):
             return None, step, tally.reduce()
     metrics = tally.reduce().result()
-    metrics["total"] = {"loss": sum(m["loss"] for t, m in metrics.items() if t != "mean" and not math.isnan(m["loss"]))}
+    metrics["total"] = {"loss": tally.total_loss()}
     return metrics, step, tally
 
 
@@ -375,19 +386,28 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     best = {"epoch": 0, "val_accuracy": -math.inf}
     epoch, step, tally = 1, 0, None
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(resume["scheduler"])
-        by_rank = resume.get("rng_by_rank") or []
-        restore_rng(by_rank[w.rank] if len(by_rank) == w.size else resume["rng"], gen)
+        try:
+            opt.load_state_dict(resume["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(resume["scheduler"])
+            by_rank = resume.get("rng_by_rank") or []
+            restore_rng(by_rank[w.rank] if len(by_rank) == w.size else resume["rng"], gen)
+            saved_tally = resume.get("tally")
+            if saved_tally is not None and not (
+                    isinstance(saved_tally, dict) and set(saved_tally) == set(net.tasks)
+                    and all(isinstance(v, torch.Tensor) and v.shape == (3,) for v in saved_tally.values())):
+                raise ValueError("the tally of the interrupted epoch does not fit the tasks")
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CsnetError(f"{run / runio.LAST}: its optimizer, schedule or RNG state does not fit this run "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         if w.rank and len(by_rank) != w.size:  # another number of processes: fresh dropout streams
-            torch.manual_seed(cfg.seed + 1_000_003 * w.rank + 7_919 * resume["position"]["epoch"])
+            torch.manual_seed((cfg.seed + 1_000_003 * w.rank + 7_919 * resume["position"]["epoch"]) % MAX_SEED)
         epoch, step, best = resume["position"]["epoch"], resume["position"]["step"], resume["best"]
         if resume.get("tally") is not None and main:  # the sum over all ranks; the others start at zero
             tally = _Tally(net.tasks, device)
             tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
     elif w.rank:
-        torch.manual_seed(cfg.seed + 1_000_003 * w.rank)  # dropout masks differ between ranks
+        torch.manual_seed((cfg.seed + 1_000_003 * w.rank) % MAX_SEED)  # dropout masks differ between ranks
     norm = {"mean": data.mean, "std": data.std}
 
     def network() -> dict:

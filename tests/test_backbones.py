@@ -292,7 +292,9 @@ def test_custom_column_from_module_function_end_to_end(cli, data_root, tmp_path,
     _trained(cli, data_root, tmp_path / "custom", "--backbone", "my_columns:tiny", "--alpha", "1", "--beta", "0")
     state = torch.load(tmp_path / "custom" / "model.pt", weights_only=True, map_location="cpu")["model"]
     assert state["units.conv.weight"].shape == (2, 2, 8) and state["units.hidden.weight"].shape == (2, 2, 32)
-    assert cli("eval", tmp_path / "custom", "--data-root", data_root)[0] == 0
+    code, _, err = cli("eval", tmp_path / "custom", "--data-root", data_root)
+    assert code == 2 and "--backbone my_columns:tiny" in err  # a run folder never imports code by itself
+    assert cli("eval", tmp_path / "custom", "--data-root", data_root, "--backbone", "my_columns:tiny")[0] == 0
     code, _, err = cli("train", "--data-root", data_root, "--backbone", "my_columns:nothing")
     assert code == 2 and "my_columns has no nothing" in err
 

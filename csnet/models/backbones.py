@@ -168,11 +168,17 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
+def is_custom(backbone: str) -> bool:
+    """A user's own column, ``module.path:function``: code, so never imported because a file names it."""
+    return ":" in backbone
+
+
 def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int) -> Column:
     """``package.module:function`` returning (nn.Module, [stitch point names]).
 
     The function is called with ``num_classes`` and, if it accepts them, ``in_channels``
-    and ``image_size``. The current folder is importable, like ``python -m``.
+    and ``image_size``. The current folder is importable, like ``python -m``. Only call this
+    for a spec the user named on the command line (or in Python): it imports and runs code.
     """
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
@@ -180,18 +186,32 @@ def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
-        factory = getattr(importlib.import_module(module_name), func_name)
+        module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"--backbone {spec}: cannot import {module_name} ({e})") from e
-    except AttributeError:
-        raise UsageError(f"--backbone {spec}: {module_name} has no {func_name}") from None
-    params = inspect.signature(factory).parameters
+    except Exception as e:  # the module's own code failed: a SyntaxError, a raise at import time
+        raise UsageError(f"--backbone {spec}: importing {module_name} failed ({type(e).__name__}: {e})") from e
+    factory = getattr(module, func_name, None)
+    if factory is None:
+        raise UsageError(f"--backbone {spec}: {module_name} has no {func_name}")
+    if not callable(factory):
+        raise UsageError(f"--backbone {spec}: {func_name} is a {type(factory).__name__}, not a function")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: pass num_classes only
+        params = {}
     kwargs = {"num_classes": num_classes}
     for key, value in (("in_channels", in_channels), ("image_size", image_size)):
         if key in params:
             kwargs[key] = value
-    result = factory(**kwargs)
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise UsageError(f"--backbone {spec}: the function must return (nn.Module, [stitch point names])")
+    try:
+        result = factory(**kwargs)
+    except Exception as e:
+        raise UsageError(f"--backbone {spec}: {func_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
+                         f"raised {type(e).__name__}: {e}") from e
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)
+            and isinstance(result[1], (list, tuple)) and all(isinstance(p, str) for p in result[1])):
+        raise UsageError(f"--backbone {spec}: the function must return (nn.Module, [stitch point names]), "
+                         f"it returned {type(result).__name__}")
     module, points = result
     return as_column(module, list(points))

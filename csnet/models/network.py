@@ -24,6 +24,8 @@ from csnet.models.unit import INITS, MODES, CrossStitchUnit
 
 BACKBONES = ("convnet", "mlp", *TORCHVISION)
 ARCHS = ("cross-stitch", "shared")
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_SIZE = 2 ** 31 - 1  # torch's kernels index a dimension with 32-bit integers in places
 # Named placements of the Fashion convnet. The paper places units after pooling and
 # fully connected layers; the reproduction uses pool1, pool2 and fc ("all").
 ALIASES = {
@@ -68,8 +70,14 @@ class ModelConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.hidden or min(self.hidden) < 1:
             raise UsageError(f"--hidden sizes must be positive, got {','.join(map(str, self.hidden))}")
-        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
-            raise UsageError("--alpha and --beta must be finite numbers")
+        if not all(1 <= n <= MAX_SIZE for n in (*self.num_classes, self.in_channels, self.image_size,
+                                                 self.in_features or 1, *self.hidden)):
+            raise UsageError(f"layer sizes must be whole numbers from 1 to {MAX_SIZE:,} (--hidden "
+                             f"{','.join(map(str, self.hidden))}, classes {list(self.num_classes)})")
+        if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (self.alpha, self.beta)):
+            # the units hold float32: a larger value would start the run at inf
+            raise UsageError(f"--alpha and --beta must be finite numbers within float32's range (|x| <= 3.4e38), "
+                             f"got {self.alpha:g} and {self.beta:g}")
         if self.arch not in ARCHS:
             raise UsageError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         if self.arch == "shared" and not self.share_until:
@@ -94,8 +102,8 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return from_dict(cls, d, "model")
+    def from_dict(cls, d: dict, source: str | None = None) -> "ModelConfig":
+        return from_dict(cls, d, "model", source)
 
     def column_arch(self) -> dict:
         """The settings that must agree for two columns to be stitched together."""
