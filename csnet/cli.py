@@ -141,7 +141,10 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
         if not _given(ctx, ["seeds"]):
             return None  # --seed on the command line wins over seeds from a --config file
         raise UsageError("give --seed N or --seeds A,B,C, not both")
-    return list(_parse_list(seeds, "--seeds", int))
+    seed_list = list(_parse_list(seeds, "--seeds", int))
+    for seed in seed_list:
+        TrainConfig(seed=seed)  # the range check, before the seeds' folder is made
+    return seed_list
 
 
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,

@@ -300,7 +300,7 @@ class CsvAppender:
 
     def __init__(self, path: Path, fields: tuple[str, ...], keep_before_epoch: int | None = None):
         if keep_before_epoch is not None and path.exists():
-            truncate_metrics(path, keep_before_epoch)
+            truncate_metrics(path, keep_before_epoch, fields)
         self._path = path
         new = not path.exists()
         try:
@@ -337,13 +337,20 @@ class MetricsWriter(CsvAppender):
                   for task, metrics in values.items() for metric, value in metrics.items())
 
 
-def truncate_metrics(path: Path, before_epoch: int) -> None:
-    """Keep only rows of epochs before ``before_epoch``: a resumed run rewrites what came after its checkpoint."""
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+def truncate_metrics(path: Path, before_epoch: int, fields: tuple[str, ...] = METRIC_FIELDS) -> None:
+    """Keep only rows of epochs before ``before_epoch``: a resumed run rewrites what came after its checkpoint.
+    A table that is not csnet's (edited, damaged) is refused before any training, never appended to."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: bytes that are not UTF-8
+        raise CsnetError(f"{path}: unreadable ({e}); repair it or move it away to continue the run") from e
     if not rows:  # a crash before the header was flushed: start the file again
         path.unlink()
         return
+    if tuple(rows[0]) != tuple(fields):
+        raise CsnetError(f"{path}: its header is {','.join(rows[0])!r}, not {','.join(fields)!r}; repair it or move "
+                         "it away to continue the run")
     kept = [rows[0]] + [r for r in rows[1:] if r[0].isdigit() and int(r[0]) < before_epoch]
     buf = io.StringIO()
     csv.writer(buf).writerows(kept)

@@ -97,7 +97,7 @@ def run_data_config(run: Path) -> DataConfig:
     if runio.is_group(run):
         run = next(iter(runio.group_members(run).values()))
     config = runio.read_config(run)
-    data = runio.section(config, "data", run, optional=True)
+    data = runio.section(config, "data", run, optional="data" in config)  # null: a stitch across data sets
     if not data:
         raise UsageError(f"{run} does not record one data set (its columns came from different ones); pass --dataset")
     return from_dict(DataConfig, data, "data", str(run / runio.CONFIG))

@@ -19,13 +19,18 @@ from csnet.data import MISSING_LABEL, Data, DataConfig, DatasetSpec, Split, hold
 from csnet.errors import CsnetError, UsageError
 
 
-@lru_cache(maxsize=4)
 def _read(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise CsnetError(f"{path}: file not found")
+    stat = p.stat()
+    return _read_version(path, stat.st_mtime_ns, stat.st_size)  # a file edited since is read again
+
+
+@lru_cache(maxsize=4)
+def _read_version(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
     try:
-        return pd.read_csv(p)
+        return pd.read_csv(path)
     except (OSError, ValueError) as e:
         raise CsnetError(f"{path}: not a readable CSV ({e})") from e
 
@@ -58,12 +63,13 @@ def _encode(df: pd.DataFrame, tasks, classes: dict[str, list], path: str, labels
                          "--tasks or --label-columns)")
     if features.isna().any().any():
         raise CsnetError(f"{path}: empty feature cells in {', '.join(features.columns[features.isna().any()])}")
-    values = features.to_numpy(dtype="float32")  # 1e39 is finite in the file, inf in float32
+    with np.errstate(over="ignore"):  # 1e39 is finite in the file, inf in float32: reported below
+        values = features.to_numpy(dtype="float32")
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = (int(i[0]) for i in bad.nonzero())
         raise CsnetError(f"{path}: row {row + 1} (line {row + 2}), column {features.columns[col]}: "
-                         f"{features.iat[row, col]!r} is not a finite float32 number; features must be finite")
+                         f"{float(features.iat[row, col]):g} is not a finite float32 number; features must be finite")
     labels = {}
     for t in tasks:
         index = {v: i for i, v in enumerate(classes[t])}

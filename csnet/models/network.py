@@ -122,6 +122,9 @@ class ModelConfig:
         if self.stitch in alias:
             return list(column.default_points) if alias[self.stitch] is None else alias[self.stitch]
         points = [p.strip() for p in self.stitch.split(",") if p.strip()]
+        twice = sorted({p for p in points if points.count(p) > 1})
+        if twice:
+            raise UsageError(f"--stitch names {', '.join(twice)} more than once")
         unknown = [p for p in points if p not in column.stages]
         if unknown:
             named = ["none", "all", *alias]
