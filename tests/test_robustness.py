@@ -92,6 +92,13 @@ def test_a_run_folder_never_imports_the_code_it_names(booby_trapped_run, cli, ro
     assert not (run.parent / "S").exists()
 
 
+def test_csnet_eval_dot_in_a_downloaded_run_as_a_process(booby_trapped_run):
+    """``cd R && python -m csnet eval .``: R is then on sys.path, the way an attacker would want it."""
+    run, marker = booby_trapped_run
+    done = subprocess.run([sys.executable, "-m", "csnet", "eval", "."], cwd=run, capture_output=True, text=True)
+    assert done.returncode == 2 and "never imports code" in done.stderr and not marker.exists(), done.stderr
+
+
 def test_naming_the_backbone_again_trusts_it(booby_trapped_run, cli, root):
     run, marker = booby_trapped_run
     assert cli("eval", ".", "--backbone", "payload:column")[0] == 0
@@ -185,7 +192,7 @@ def test_a_killed_stitch_is_replaced_by_force(cli, root, tmp_path):
 def test_sigkill_at_any_moment_leaves_a_folder_force_or_resume_handles(root, tmp_path):
     """A real process killed while it creates its run folder, at a few different moments."""
     cmd = [sys.executable, "-m", "csnet", "train", "--data-root", str(root), *SMALL]
-    for delay in (0.0, 0.05, 0.3, 1.0):
+    for delay in (0.0, 0.4):  # while the folder is made; during the first epoch
         run = tmp_path / f"r{delay}"
         proc = subprocess.Popen([*cmd, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
