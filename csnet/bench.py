@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from csnet import data as data_lib
-from csnet.models import native
+from csnet import accel
 from csnet.models.network import ModelConfig, build_network, count_macs
 
 
@@ -107,7 +107,8 @@ class _PairUnit(nn.Module):
 
 def textbook_order(column: nn.Module) -> nn.Module:
     """A convnet column with its conv blocks in the usual conv -> norm -> ReLU -> pool order (csnet
-    pools before the ReLU, which gives the same output for less work)."""
+    pools before the ReLU, which gives the same output for less work), and torch's own dropout."""
+    column.head = nn.Sequential(*[nn.Dropout(m.p) if isinstance(m, nn.Dropout) else m for m in column.head])
     for name, block in column.stages.items():
         layers = list(block)
         kinds = [type(m) for m in layers]
@@ -196,15 +197,18 @@ def best_of(measures: dict[str, Callable[[], float]], reps: int) -> dict[str, fl
 def _without_kernels(measure: Callable[[], float]) -> Callable[[], float]:
     """The same measurement with csnet's compiled CPU kernels switched off (PyTorch ops instead)."""
     def run() -> float:
-        with native.off():
+        with accel.off():
             return measure()
     return run
 
 
-def _net(tasks: int, stitch: str):
+def _net(tasks: int, stitch: str, fast: bool = True):
     torch.manual_seed(0)
     names = ("fine", "coarse") if tasks == 2 else tuple(f"t{i}" for i in range(tasks))
-    return build_network(ModelConfig(tasks=names, num_classes=(10,) * tasks, stitch=stitch)), names
+    net = build_network(ModelConfig(tasks=names, num_classes=(10,) * tasks, stitch=stitch))
+    if fast:
+        accel.accelerate(net)
+    return net, names
 
 
 def run(n: int = 4096, quick: bool = False) -> dict:
@@ -213,7 +217,7 @@ def run(n: int = 4096, quick: bool = False) -> dict:
     images, fine, folder = _fashion_or_synthetic(n)
     two = {"fine": fine, "coarse": data_lib.COARSE_OF_FINE[fine]}
     r = {"data": str(folder) if folder else "synthetic", "threads": torch.get_num_threads(),
-         "kernels": native.status()}
+         "kernels": accel.status()}
     r["matmul_gflops"] = matmul_peak()
     stitched, _ = _net(2, "all")
     macs = count_macs(stitched, torch.zeros(1, 1, 28, 28))
@@ -222,7 +226,7 @@ def run(n: int = 4096, quick: bool = False) -> dict:
     # Five rounds: with three, a slow spell on this shared 2-core machine still moved the 2-task
     # stitching overhead between 3% and 6% from run to run.
     reps = 1 if quick else 5
-    naive_cols, _ = _net(2, "none")
+    naive_cols, _ = _net(2, "none", fast=False)
     straightforward = _StraightforwardNet(dict(naive_cols.columns), ["pool1", "pool2", "fc"])
     unstitched = _net(2, "none")[0]
     r.update(best_of({

@@ -15,6 +15,7 @@ from csnet import distributed, plots, runio
 from csnet.compare import read_metrics
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
+from csnet.accel import accelerate
 from csnet.models.backbones import is_custom
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
@@ -42,12 +43,16 @@ def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | Non
 
 
 def _build(model_cfg: ModelConfig, code: tuple[str, ...] = (), origin: Path | None = None,
-           weights: Path | None = None):
+           weights: Path | None = None, fast: bool = True):
+    """The network of ``model_cfg``, with csnet's CPU kernels swapped in (``fast``, see csnet.accel);
+    its ``accel`` attribute says which kernels applied."""
     check_code(model_cfg, code, origin)
     try:
-        return build_network(model_cfg, weights)
+        net = build_network(model_cfg, weights)
     except (RuntimeError, MemoryError, OverflowError) as e:  # sizes that cannot be allocated
         raise CsnetError(f"cannot build the network ({model_cfg.backbone}): {_first_line(e)}") from e
+    net.accel = accelerate(net) if fast else None
+    return net
 
 
 def _first_line(e: BaseException) -> str:
@@ -149,7 +154,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
             source=str(source) if source else None, data_stats=_data_stats(data),
             weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
-            model_stats=model_stats, processes=distributed.world().size,
+            model_stats=model_stats, processes=distributed.world().size, accel=net.accel,
         )
         return runio.create_run(out, config, force)
 
@@ -397,7 +402,8 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     last, position, model_cfg, dev, data, net = distributed.together(setup)
     config["train"] = asdict(train_cfg)
     config.setdefault("resumed", []).append({"epoch": position["epoch"], "step": position["step"],
-                                             "processes": w.size, "environment": runio.environment(dev)})
+                                             "processes": w.size, "environment": runio.environment(dev),
+                                             "accel": net.accel})
     if w.is_main:
         runio.write_json(run / runio.CONFIG, config)
     where = f"epoch {position['epoch']}" + (f", step {position['step']}" if position["step"] else "")
@@ -472,7 +478,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
                             **loaded[0][0].column_arch())
-    net = _build(model_cfg, code, sources[0])
+    net = _build(model_cfg, code, sources[0], fast=False)
     for src, name, (cfg, state, _) in zip(sources, names, loaded):
         prefix = f"columns.{cfg.tasks[0]}."
         _load_state(net.columns[name], {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},

@@ -6,7 +6,6 @@ reproduction: columns side by side, trained on the sum of the task losses.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from torch import nn
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
-from csnet.models import native
 from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
 from csnet.models.columns import Column
 from csnet.models.unit import INITS, MODES, CrossStitchUnit
@@ -189,12 +187,10 @@ class CrossStitchNet(nn.Module):
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cols = list(self.columns.values())
         xs = [x] * len(cols)
-        # every column's first conv block reads the same images: their patch moments once (bnpool.c)
-        with contextlib.nullcontext() if native._compiling() else native.shared_moments():
-            for name in self.stage_names:
-                xs = [col.stages[name](xi) for col, xi in zip(cols, xs)]
-                if name in self.units:
-                    xs = self.units[name](xs)
+        for name in self.stage_names:
+            xs = [col.stages[name](xi) for col, xi in zip(cols, xs)]
+            if name in self.units:
+                xs = self.units[name](xs)
         return dict(zip(self.columns, xs))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

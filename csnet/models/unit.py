@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 import warnings
 
+from typing import Callable
+
 import torch
 from torch import nn
-
-from csnet.models import native
 
 MODES = ("channel", "layer", "dense")
 INITS = ("alpha-beta", "identity", "convex", "ones")
@@ -59,23 +59,18 @@ class _Mix(torch.autograd.Function):
     stitched 8-task network about 25% slower than its columns alone. Here every (i, j) pair is one
     fused multiply-add in the forward pass and one in the backward, outputs are never saved (a
     following in-place ReLU may modify them), and no (T, T, B, C, ...) product is ever materialised.
-    On the CPU in float32 the sums run in a compiled kernel that reads every input once
-    (native.py); elsewhere, tensor ops compute the same sums.
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, *xs: torch.Tensor):
         ctx.save_for_backward(w, *xs)
-        return tuple(native.mix(w, xs) if native.usable(w, xs) else _mix(w, xs))
+        return tuple(_mix(w, xs))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor):
         w, *xs = ctx.saved_tensors
         needs_w, needs_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1:]
-        if native.usable(w, xs):  # the gradients match the outputs' dtype and device; any layout will do
-            grad_w, grad_xs = native.mix_backward(w, xs, grads, needs_w, any(needs_x))
-            return (grad_w, *[g if need else None for g, need in zip(grad_xs or [None] * len(xs), needs_x)])
         grad_w = None
         if needs_w:
             # dL/dw[i, j, c] = sum over batch and positions of g_i * x_j
@@ -113,6 +108,10 @@ class CrossStitchUnit(nn.Module):
     mode the flattened feature size D per task; ``None`` there sizes the matrix at the
     first forward pass (run one before building the optimizer).
     """
+
+    # The one hook for faster implementations (csnet.accel sets it): ``kernel(weight, xs)`` returns the
+    # mixed list, computed as ``_Mix`` computes it, or None where it does not apply (then ``_Mix`` runs).
+    kernel: Callable | None = None
 
     def __init__(self, n_tasks: int, channels: int | None = None, mode: str = "channel", alpha: float = 0.9,
                  beta: float = 0.1, init: str = "alpha-beta"):
@@ -153,7 +152,8 @@ class CrossStitchUnit(nn.Module):
             return self._dense(xs)
         if self.mode == "channel" and xs[0].shape[1] != self.channels:
             raise ValueError(f"unit built for {self.channels} channels got inputs with {xs[0].shape[1]}")
-        return list(_Mix.apply(self.weight, *xs))
+        out = self.kernel(self.weight, xs) if self.kernel is not None else None
+        return list(out) if out is not None else list(_Mix.apply(self.weight, *xs))
 
     def _dense(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         shape = xs[0].shape

@@ -1,4 +1,4 @@
-/* Dropout for the CPU (csnet/models/columns.py, Dropout; native.py compiles and loads it).
+/* Dropout for the CPU (csnet/models/columns.py (accelerated by csnet/accel), Dropout; native.py compiles and loads it).
  *
  * Why: torch's CPU dropout draws its mask with bernoulli_, about 1.1 ms for the (128, 1024)
  * activations before each head of the Fashion pair, forward alone: 3% of a training step. Here

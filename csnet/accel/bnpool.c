@@ -1,6 +1,6 @@
 /* Batch norm -> 2x2 max-pool -> ReLU fused, for the convnet column's conv blocks
- * (csnet/models/columns.py, the Fashion-MNIST column of CONTEXT.md's experiment 1), on
- * channels-last float32 maps on the CPU. csnet/models/native.py compiles and loads it.
+ * (csnet/models/columns.py (accelerated by csnet/accel), the Fashion-MNIST column of CONTEXT.md's experiment 1), on
+ * channels-last float32 maps on the CPU. csnet/accel/build.py compiles and loads it.
  *
  * Why: after the matrix products, these three layers were the costliest part of a training
  * step of the Fashion pair (about 17 of 92 ms), all of it memory traffic. As separate ops

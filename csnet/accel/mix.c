@@ -1,4 +1,4 @@
-/* The cross-stitch unit's CPU kernel (csnet/models/native.py compiles and loads it).
+/* The cross-stitch unit's CPU kernel (csnet/accel/build.py compiles and loads it).
  *
  * out_i[n, c, k] = sum_j w[i, j, c] * x_j[n, c, k]   (Misra et al., CVPR 2016, section 3.2)
  *
