@@ -55,7 +55,7 @@ LAYOUTS = {  # shape, memory format: (N, C, K) views the kernel walks, with chan
     "channels_last": ((6, 32, 5, 7), CL),  # off the 16-wide vectors: K = 1, 2 full vectors
     "channels_last_odd": ((3, 17, 4, 4), CL),  # a 1-channel tail after a vector
     "nchw": ((4, 6, 5, 7), torch.contiguous_format),  # runs of 35: 2 vectors and a 3-value tail
-    "rows": ((9, 1030), torch.contiguous_format),  # the fc unit: several channel blocks
+    "nchw_flat": ((9, 1030, 1), torch.contiguous_format),  # one value per channel: several channel blocks
 }
 
 
@@ -515,13 +515,41 @@ def test_without_the_kernels_every_layer_runs_pytorch(monkeypatch, tmp_path, env
         build._load.cache_clear()
 
 
+@needs_kernels
+def test_the_unit_kernel_leaves_rows_to_tensor_ops(monkeypatch):
+    calls = []
+    original = kernels.lib
+    monkeypatch.setattr(kernels, "lib", lambda: calls.append(1) or original())
+    unit = CrossStitchUnit(2, 1024)
+    accel.accelerate(unit)
+    unit([torch.randn(128, 1024), torch.randn(128, 1024)])  # the fc unit: tensor ops were faster there
+    assert calls == []
+
+
 def test_kernels_switched_off_inside_off():
     # csnet bench measures each kernel's share in one process with this switch.
     unit = CrossStitchUnit(2, 3)
     accel.accelerate(unit)
-    x = torch.randn(2, 3)
+    x = torch.randn(2, 3, 4, 4)
     with accel.off():
         assert fused.unit_kernel(unit.weight, [x, x]) is None
     with accel.off("dropout"):
         assert (fused.unit_kernel(unit.weight, [x, x]) is not None) == BUILT
     assert torch.equal(unit([x, x])[0], _Mix.apply(unit.weight, x, x)[0]) or BUILT
+
+
+@needs_kernels
+def test_torch_compile_traces_the_kernels_into_its_graphs():
+    """--compile keeps the kernels: dynamo traces through the custom ops instead of stopping at them.
+    Dropout's seed is drawn outside the graph (its only break), so that compiled and eager runs draw
+    it from the same generator."""
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(tasks=("fine", "coarse"), num_classes=(10, 3)))
+    accel.accelerate(net)
+    net.to(memory_format=CL)
+    explained = torch._dynamo.explain(net)(torch.randn(8, 1, 28, 28).contiguous(memory_format=CL))
+    traced = {str(n.target).removesuffix(".default") for g in explained.graphs for n in g.graph.nodes
+              if "csnet" in str(n.target)}
+    assert {"csnet.mix", "csnet.bn_pool_relu", "csnet.conv_bn_pool_relu", "csnet.patch_moments",
+            "csnet.channel_sums", "csnet.dropout"} <= traced, traced
+    assert {frame.name for b in explained.break_reasons for frame in b.user_stack[-1:]} == {"dropout_seed"}
