@@ -45,10 +45,10 @@ def _numeric(df: pd.DataFrame, path: Path, columns=("epoch", "value")) -> pd.Dat
         num = pd.to_numeric(df[col], errors="coerce")
         bad = num.isna() & df[col].notna() & (df[col].astype(str).str.strip().str.lower() != "nan")
         if col == "epoch":
-            bad |= num.isna() | (num < 0) | (num != num.round())
+            bad |= num.isna() | ~np.isfinite(num) | (num < 0) | (num != num.round())
         if bad.any():
             line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
-            raise CsnetError(f"{path}, line {line}: {col} {df[col][bad].iloc[0]!r} is not "
+            raise CsnetError(f"{path}, line {line}: {col} {str(df[col][bad].iloc[0])!r} is not "
                              f"{'a whole epoch number' if col == 'epoch' else 'a number'}")
         df[col] = num.astype(int) if col == "epoch" else num.astype(float)
     return df
@@ -73,7 +73,7 @@ def members(entry: Path) -> dict[int, Path]:
     """{seed: run folder}: the trained seeds of a --seeds folder, or the run itself."""
     entry = Path(entry)
     if runio.is_group(entry):
-        found = {s: p for s, p in runio.group_members(entry).items() if _has_rows(p / runio.METRICS)}
+        found = {s: p for s, p in runio.group_members(entry).items() if has_rows(p / runio.METRICS)}
         if not found:
             raise UsageError(f"{entry} has no trained seed runs yet")
         return found
@@ -82,7 +82,7 @@ def members(entry: Path) -> dict[int, Path]:
     return {seed if isinstance(seed, int) else 0: entry}
 
 
-def _has_rows(path: Path) -> bool:
+def has_rows(path: Path) -> bool:
     """A metrics.csv with at least one epoch (a run stopped in its first epoch has only the header)."""
     try:
         with open(path, "rb") as f:

@@ -98,13 +98,19 @@ def _own(entry: Path) -> bool:
 
 
 def is_partial(path: Path) -> bool:
-    """A folder a run created and was stopped in before it wrote config.json: only csnet's own files
-    (plots/, a model.pt, temporary files), so --force may start it again."""
+    """A folder a run created and was stopped in before it wrote config.json (which it writes first):
+    nothing but csnet's half-written temporary files and an empty plots/, so --force may start it
+    again. Anything else there (results, a user's files) makes it a folder csnet never touches."""
     path = Path(path)
     if not path.is_dir() or (path / CONFIG).exists() or (path / SEEDS).exists():
         return False
     entries = list(path.iterdir())
-    return bool(entries) and all(_own(e) and (not e.is_dir() or e.name == "plots") for e in entries)
+
+    def leftover(e: Path) -> bool:
+        if e.name == "plots" and e.is_dir() and not e.is_symlink():
+            return not any(e.iterdir())
+        return e.is_file() and not e.is_symlink() and e.name.startswith(".") and _own(e)
+    return bool(entries) and all(leftover(e) for e in entries)
 
 
 def stale_temporaries(path: Path) -> list[Path]:

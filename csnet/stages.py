@@ -37,7 +37,8 @@ def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | Non
                          f"{model_cfg.backbone} (with a run, --backbone only names the run's own module:function, "
                          "to allow importing it)")
     if is_custom(model_cfg.backbone) and model_cfg.backbone not in code:
-        raise UsageError(f"{origin} was built with your own backbone {model_cfg.backbone}; csnet never imports code "
+        raise UsageError(f"{origin or 'this network'} was built with your own backbone {model_cfg.backbone}; csnet "
+                         "never imports code "
                          f"that a run folder names. If you trust that code, name it on this command line: "
                          f"--backbone {model_cfg.backbone}")
 
@@ -67,16 +68,17 @@ def _load_state(net, state: dict, path: Path) -> None:
         raise CsnetError(f"{path}: its weights do not fit its model config ({_first_line(e)})") from e
 
 
-def _check_norm(norm, path: Path):
-    """Input statistics of a checkpoint: None, or finite mean and positive std (numbers or 1-d tensors)."""
+def _check_norm(norm, path: Path, model_cfg: ModelConfig):
+    """Input statistics of a checkpoint: None, or finite mean and positive std: numbers for images,
+    float32 vectors of one value per feature for tables."""
     if norm is None:
         return None
     ok = isinstance(norm, dict) and set(norm) == {"mean", "std"}
     for key in ("mean", "std") if ok else ():
         v = norm[key]
         if isinstance(v, torch.Tensor):
-            ok = ok and v.dim() <= 1 and v.is_floating_point() and bool(torch.isfinite(v).all())
-            ok = ok and (key == "mean" or bool((v > 0).all()))
+            ok = ok and v.dim() == 1 and v.dtype == torch.float32 and v.numel() == (model_cfg.in_features or -1)
+            ok = ok and bool(torch.isfinite(v).all()) and (key == "mean" or bool((v > 0).all()))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             ok = ok and torch.isfinite(torch.tensor(float(v))).item() and (key == "mean" or v > 0)
         else:
@@ -95,7 +97,7 @@ def _load_model(run: Path):
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise CsnetError(f"{path}: 'model' is not a set of named tensors")
-    return model_cfg, state, _check_norm(ckpt.get("norm"), path)
+    return model_cfg, state, _check_norm(ckpt.get("norm"), path, model_cfg)
 
 
 def run_data_config(run: Path) -> DataConfig:
@@ -179,11 +181,39 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
         best = fit(net, model_cfg, data, train_cfg, run, device, RichReporter(console, quiet), resume)
     if not distributed.world().is_main:
         return run
-    plots.curves({run.name: read_metrics(run)}, run / "plots")
-    plots.alpha_plots(run)
+    _outputs(run)
     console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
                   highlight=False)
     return run
+
+
+def _outputs(run: Path) -> None:
+    """The figures a finished run keeps in RUN/plots, drawn from its files."""
+    (run / "plots").mkdir(exist_ok=True)
+    plots.curves({run.name: read_metrics(run)}, run / "plots")
+    plots.alpha_plots(run)
+
+
+def _complete(run: Path, last: dict, code: tuple[str, ...], console: Console) -> Path:
+    """A run whose last epoch is done but which was stopped before its closing files (alpha_final.csv,
+    plots): write them from last.pt, which holds the final weights."""
+    from csnet.train import write_final_alpha
+
+    model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
+    net = _build(model_cfg, code, run, fast=False)
+    _load_state(net, last["model"], run / runio.LAST)
+    if net.units and not (run / runio.ALPHA_FINAL).is_file():
+        write_final_alpha(net, run / runio.ALPHA_FINAL)
+    _outputs(run)
+    console.print(f"{run} had finished training; its closing files are written now", highlight=False)
+    return run
+
+
+def _incomplete(run: Path) -> bool:
+    """Stopped after its last epoch but before the files written at the end."""
+    plots_dir = run / "plots"
+    return not (plots_dir.is_dir() and any(plots_dir.glob("*.png"))) or (
+        (run / runio.ALPHA).is_file() and not (run / runio.ALPHA_FINAL).is_file())
 
 
 def _seeds_folder(seeds: list[int], out: Path, force: bool, plan: dict | None = None) -> Path:
@@ -198,9 +228,10 @@ def _seeds_folder(seeds: list[int], out: Path, force: bool, plan: dict | None = 
 
 def _plan(command: str, data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainConfig,
           from_run: Path | None, weights: Path | None) -> dict:
+    # absolute paths: --resume may be run from another folder
     return {"command": command, "data": asdict(data_cfg), "model": model_cfg.to_dict() if model_cfg else None,
-            "train": asdict(train_cfg), "from": str(from_run) if from_run else None,
-            "weights": str(weights) if weights else None}
+            "train": asdict(train_cfg), "from": str(Path(from_run).resolve()) if from_run else None,
+            "weights": str(Path(weights).resolve()) if weights else None}
 
 
 def _finish_seeds(seeds: list[int], out: Path, console: Console, one) -> Path:
@@ -288,6 +319,8 @@ def _start_again(plan: dict, seed: int | None, out: Path, console: Console, quie
     from_run = Path(plan["from"]) if plan.get("from") else None
     weights = Path(plan["weights"]) if plan.get("weights") else None
     model_cfg = ModelConfig.from_dict(plan["model"], where) if plan.get("model") is not None else None
+    if model_cfg is not None:
+        check_code(model_cfg, code, source)
     if from_run is not None:
         if runio.is_group(from_run):
             members = runio.group_members(from_run)
@@ -329,15 +362,26 @@ def _check_last(last: dict, path: Path) -> dict:
     return last
 
 
+def _has_results(run: Path) -> bool:
+    """A model.pt or an epoch in metrics.csv: work a restart must never throw away."""
+    from csnet.compare import has_rows
+
+    return (run / runio.MODEL).exists() or has_rows(run / runio.METRICS)
+
+
 def status(run: Path, epochs: int | None = None) -> str:
-    """``finished``, ``interrupted`` (last.pt to continue from) or ``unstarted`` (no checkpoint yet:
-    stopped before its first one, or never begun)."""
-    if not (run / runio.CONFIG).is_file() or not (run / runio.LAST).is_file():
+    """``finished``, ``interrupted`` (last.pt to continue from), ``unstarted`` (no checkpoint and no
+    results yet: stopped before its first epoch ended, or never begun), or ``kept`` (results but no
+    last.pt, e.g. deleted to save space: nothing to continue from, and nothing to throw away)."""
+    if not (run / runio.LAST).is_file():
+        return "kept" if (run / runio.CONFIG).is_file() and _has_results(run) else "unstarted"
+    if not (run / runio.CONFIG).is_file():
         return "unstarted"
     config = runio.read_config(run)
     train_cfg = TrainConfig.from_dict(runio.section(config, "train", run), str(run / runio.CONFIG))
     last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
-    return "finished" if last["position"]["epoch"] > (epochs or train_cfg.epochs) else "interrupted"
+    done = last["position"]["epoch"] > (epochs or train_cfg.epochs)
+    return "finished" if done and (epochs is not None or not _incomplete(run)) else "interrupted"
 
 
 def resume(run: Path, console: Console, *, epochs: int | None = None, device: str | None = None,
@@ -351,7 +395,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     run = Path(run)
     if runio.is_group(run):
         return _resume_group(run, console, epochs=epochs, device=device, quiet=quiet, code=code)
-    if runio.is_partial(run):
+    if runio.is_partial(run) or (run.is_dir() and not any(run.iterdir())):
         raise UsageError(f"{run} was stopped before it wrote {runio.CONFIG}, so its settings are unknown: "
                          "rerun the command that made it, with --force")
     config = runio.read_config(run)
@@ -362,6 +406,9 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     if distributed.world().is_main:
         runio.remove_stale_temporaries(run)  # half-written files of the write a kill interrupted
     if not (run / runio.LAST).is_file():
+        if _has_results(run):
+            raise UsageError(f"{run} has results but no {runio.LAST} to continue from; it is left as it is "
+                             "(train a new run, or replace this one with --force)")
         plan = _plan_of_run(config, run)
         if epochs is not None or device is not None:
             plan["train"] = {**plan["train"], **({"epochs": epochs} if epochs else {}),
@@ -381,6 +428,8 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
         train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs, device=device or train_cfg.device)
         position = last["position"]
         if position["epoch"] > train_cfg.epochs:
+            if epochs is None and _incomplete(run):
+                return last, None, None, None, None, None
             raise UsageError(f"{run} has finished its {position['epoch'] - 1} epochs; pass --epochs N "
                              f"(more than {position['epoch'] - 1}) to train further")
         saved_world = position.get("world_size", 1)
@@ -400,6 +449,8 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
         return last, position, model_cfg, dev, data, net
 
     last, position, model_cfg, dev, data, net = distributed.together(setup)
+    if position is None:
+        return _complete(run, last, code, console) if w.is_main else run
     config["train"] = asdict(train_cfg)
     config.setdefault("resumed", []).append({"epoch": position["epoch"], "step": position["step"],
                                              "processes": w.size, "environment": runio.environment(dev),
@@ -418,9 +469,13 @@ def _resume_group(group: Path, console: Console, *, epochs: int | None, device: 
     plan = info.get("plan")
 
     def one(seed: int, folder: Path) -> None:
+        if folder.is_symlink():
+            raise UsageError(f"{folder} is a link; --resume only writes into the --seeds folder's own seed folders")
         state = status(folder, epochs)
         if state == "finished":
             console.print(f"{folder}: finished", highlight=False)
+        elif state == "kept":
+            console.print(f"{folder}: has results but no {runio.LAST}; left as it is", highlight=False)
         elif state == "interrupted":
             resume(folder, console, epochs=epochs, device=device, quiet=quiet, code=code)
         elif (folder / runio.CONFIG).is_file():

@@ -359,6 +359,21 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Every per-weight state tensor (Adam's moments, SGD's momentum) of a loaded optimizer has its
+    weight's shape and dtype: the fused steps write through them without checking, so a damaged
+    last.pt would otherwise corrupt memory instead of failing."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if key == "step":
+                    ok = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+                else:
+                    ok = isinstance(value, torch.Tensor) and value.shape == p.shape and value.dtype == p.dtype
+                if not ok:
+                    raise ValueError(f"optimizer state {key!r} does not fit a weight of shape {tuple(p.shape)}")
+
+
 def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfig, run: Path,
         device: torch.device, reporter: Reporter, resume: dict | None = None) -> dict:
     """Train until ``cfg.epochs``; after each epoch evaluate val and test, append metrics, save checkpoints.
@@ -388,6 +403,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     if resume is not None:
         try:
             opt.load_state_dict(resume["optimizer"])
+            _check_optimizer_state(opt)
             if sched is not None:
                 sched.load_state_dict(resume["scheduler"])
             by_rank = resume.get("rng_by_rank") or []
@@ -395,7 +411,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             saved_tally = resume.get("tally")
             if saved_tally is not None and not (
                     isinstance(saved_tally, dict) and set(saved_tally) == set(net.tasks)
-                    and all(isinstance(v, torch.Tensor) and v.shape == (3,) for v in saved_tally.values())):
+                    and all(isinstance(v, torch.Tensor) and v.shape == (3,) and v.dtype == torch.float32
+                            for v in saved_tally.values())):
                 raise ValueError("the tally of the interrupted epoch does not fit the tasks")
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise CsnetError(f"{run / runio.LAST}: its optimizer, schedule or RNG state does not fit this run "

@@ -176,6 +176,54 @@ def test_a_folder_left_before_config_json_is_recognised(cli, root, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_a_run_stopped_after_its_last_epoch_gets_its_closing_files(cli, root, tmp_path):
+    run = tmp_path / "r"
+    assert cli("train", "--data-root", root, *SMALL, "--out", run)[0] == 0
+    want = (run / "alpha_final.csv").read_text()
+    shutil.rmtree(run / "plots")  # as a kill after the last checkpoint leaves it
+    (run / "alpha_final.csv").unlink()
+    code, out, err = cli("train", "--resume", run)
+    assert code == 0 and "closing files" in out, err
+    assert (run / "alpha_final.csv").read_text() == want and (run / "plots" / "test_accuracy.png").is_file()
+    one_line(cli("train", "--resume", run), 2, "has finished its 1 epochs")
+
+
+def test_resume_never_throws_away_results_it_cannot_continue(cli, root, tmp_path):
+    run = tmp_path / "r"
+    assert cli("train", "--data-root", root, *SMALL, "--out", run)[0] == 0
+    assert cli("eval", run)[0] == 0
+    (run / "last.pt").unlink()  # deleted to save space
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    one_line(cli("train", "--resume", run, "--epochs", "2"), 2, "has results but no last.pt")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_force_only_restarts_what_csnet_left_half_made(cli, root, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name in ("summary.csv", "metrics.csv", "model.pt"):  # csnet's names, but no run of csnet's
+        (folder / name).write_text("my results")
+    one_line(cli("train", "--data-root", root, *SMALL, "--out", folder, "--force"), 2, "already holds files")
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.csv", "model.pt", "summary.csv"]
+
+
+def test_a_seeds_plan_naming_code_is_not_imported(cli, root, tmp_path, isolated_imports, monkeypatch):
+    marker = tmp_path / "MARKER"
+    (tmp_path / "payload.py").write_text(PAYLOAD.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data-root", root, *SMALL, "--stitch", "none", "--seeds", "0,1", "--out", tmp_path / "g"]
+    signal_at(monkeypatch, 3)
+    assert cli(*args)[0] == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    group = json.loads((tmp_path / "g" / "seeds.json").read_text())
+    group["plan"]["model"]["backbone"] = "payload:column"  # a hand-edited plan for the seeds not begun
+    (tmp_path / "g" / "seeds.json").write_text(json.dumps(group))
+    shutil.rmtree(tmp_path / "g" / "seed-0")
+    one_line(cli("train", "--resume", tmp_path / "g"), 2, "never imports code")
+    assert not marker.exists()
+
+
 def test_a_killed_stitch_is_replaced_by_force(cli, root, tmp_path):
     common = ["--data-root", root, *SMALL, "--backbone", "mlp"]
     for task in ("fine", "coarse"):
@@ -331,6 +379,14 @@ def damaged(finished, tmp_path):
     return run
 
 
+def _edit_checkpoint(path, edit):
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    if "position" in ckpt:
+        ckpt["position"]["epoch"] = 1  # as if stopped after its first epoch: resumable
+    torch.save(ckpt, path)
+
+
 def _edit_config(run, edit):
     config = json.loads((run / "config.json").read_text())
     edit(config)
@@ -354,6 +410,15 @@ def _edit_config(run, edit):
      "compare", "metrics.csv, line"),
     (lambda r: (r / "metrics.csv").write_text("epoch,split,task,metric,value\none,val,mean,accuracy,0.5\n"),
      "compare", "epoch 'one' is not a whole epoch number"),
+    (lambda r: (r / "metrics.csv").write_text("epoch,split,task,metric,value\ninf,val,mean,accuracy,0.5\n"),
+     "compare", "epoch 'inf' is not a whole epoch number"),
+    (lambda r: _edit_checkpoint(r / "last.pt", lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(5))),
+     "resume", "its optimizer, schedule or RNG state does not fit this run"),
+    (lambda r: _edit_checkpoint(r / "last.pt", lambda c: c.update(tally={"fine": torch.zeros(3, dtype=torch.long),
+                                                                         "coarse": torch.zeros(3)})),
+     "resume", "does not fit this run"),
+    (lambda r: _edit_checkpoint(r / "model.pt", lambda c: c.update(norm={"mean": torch.zeros(5), "std": 1.0})),
+     "eval", "'norm' should hold a finite mean and a positive std"),
 ])
 def test_a_damaged_run_folder_names_the_file_and_field(cli, damaged, tmp_path, damage, command, message):
     damage(damaged)

@@ -98,7 +98,7 @@ def mix_backward(w: torch.Tensor, xs: list[torch.Tensor], grads: list[torch.Tens
     threads = _threads()
     # the threads' own weight-gradient sums (double, and float for the row blocks of K = 1)
     scratch = threads * len(xs) ** 2 * c if need_w else 0
-    tots, parts = torch.zeros(scratch, dtype=torch.float64), torch.zeros(scratch if k == 1 else 0)
+    tots, parts = torch.zeros(scratch, dtype=torch.float64), torch.zeros(scratch if k == 1 else 0, dtype=torch.float32)
     lib().csnet_mix_backward(len(xs), _ptrs(grads), _ptrs(xs), _ptrs(grad_xs) if need_x else None, _ptr(grad_w),
                              wt.data_ptr(), n, c, k, tots.data_ptr(), parts.data_ptr(), threads)
     grad_w = (grad_w.sum(-1) if w.dim() == 2 else grad_w).to(w.dtype) if need_w else w.new_empty(0)
@@ -157,7 +157,7 @@ def _(y):
 
 
 def _bn_pool_relu(y, scale, shift, keep: bool):
-    out = torch.empty(_pooled(y), memory_format=CL)
+    out = torch.empty(_pooled(y), dtype=torch.float32, memory_format=CL)
     winner = torch.empty(out.shape, dtype=torch.uint8, memory_format=CL) if keep else None
     picked = torch.empty_like(out) if keep else None
     scale, shift = _floats(scale), _floats(shift)  # named: no address the kernel reads is freed before the call
@@ -206,7 +206,7 @@ def bn_pool_relu_backward(grad_out: torch.Tensor, winner: torch.Tensor, picked: 
     dbeta, dgamma = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
     mean, invstd, gamma = _floats(mean), _floats(invstd), _floats(gamma)
     threads = _threads()
-    parts, coef = torch.zeros(threads * 2 * c, dtype=torch.float64), torch.empty(3 * c)
+    parts, coef = torch.zeros(threads * 2 * c, dtype=torch.float64), torch.empty(3 * c, dtype=torch.float32)
     lib().csnet_bn_pool_relu_backward(
         grad_out.data_ptr(), winner.data_ptr(), picked.data_ptr(), y.data_ptr(), dy.data_ptr(), mean.data_ptr(),
         invstd.data_ptr(), gamma.data_ptr(), int(batch_stats), b, h, w, c, dbeta.data_ptr(), dgamma.data_ptr(),
@@ -258,7 +258,7 @@ def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 def _pads(x: torch.Tensor, threads: int) -> torch.Tensor:
     """Each thread's zero-padded copy of one image (bnpool.c's pad_image)."""
     b, cin, h, w = x.shape
-    return torch.empty(threads * cin * (h + 2) * (-(-w // LANES) * LANES + 2))
+    return torch.empty(threads * cin * (h + 2) * (-(-w // LANES) * LANES + 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("csnet::patch_moments", mutates_args=())
@@ -270,7 +270,7 @@ def patch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     taps, threads = 9 * cin, _threads()
     n = taps * taps + taps
     S, G = torch.empty(taps, dtype=torch.float64), torch.empty(taps, taps, dtype=torch.float64)
-    pads, rows = _pads(x, threads), torch.empty(threads * n * LANES)
+    pads, rows = _pads(x, threads), torch.empty(threads * n * LANES, dtype=torch.float32)
     parts = torch.zeros(threads * n, dtype=torch.float64)
     lib().csnet_patch_moments(x.data_ptr(), b, h, w, cin, S.data_ptr(), G.data_ptr(), pads.data_ptr(),
                               rows.data_ptr(), parts.data_ptr(), threads)
@@ -291,7 +291,7 @@ def conv_taps(weight: torch.Tensor) -> torch.Tensor:
 def _conv_bn_pool_relu(x, taps, scale, shift, keep: bool):
     b, cin, h, w = x.shape
     c, threads = taps.shape[1], _threads()
-    out = torch.empty(b, c, h // 2, w // 2, memory_format=CL)
+    out = torch.empty(b, c, h // 2, w // 2, dtype=torch.float32, memory_format=CL)
     winner = torch.empty(out.shape, dtype=torch.uint8, memory_format=CL) if keep else None
     scale, shift, pads = _floats(scale), _floats(shift), _pads(x, threads)
     lib().csnet_conv_bn_pool_relu_forward(x.data_ptr(), taps.data_ptr(), scale.data_ptr(), shift.data_ptr(),
