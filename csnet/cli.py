@@ -213,7 +213,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 @app.command()
 def pretrain(
     ctx: typer.Context,
-    task: Annotated[str, typer.Option(help="The single task this column learns (fashion: fine, coarse, body).")],
+    task: Annotated[Optional[str], typer.Option(
+        help="The single task this column learns (fashion: fine, coarse, body); not needed where the data set "
+             "has one task (mnist).")] = None,
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
@@ -230,6 +232,10 @@ def pretrain(
     _join(device)
     seed_list = _seed_list(ctx, seeds)
     spec = dataset_spec(dataset)
+    if task is None:
+        if len(spec.tasks) != 1:
+            raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
+        task = next(iter(spec.tasks))
     if task not in spec.tasks:
         raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
     model_cfg = _model_config(spec, [task], stitch="none", label_columns=label_columns, backbone=backbone,

@@ -207,6 +207,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a run from collaborators
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -220,6 +221,13 @@ def atomic_write(path: Path, write) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: dict) -> None:

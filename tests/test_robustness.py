@@ -445,3 +445,20 @@ def test_a_damaged_seeds_json(cli, damaged, tmp_path):
     (tmp_path / "g" / "seeds.json").write_text('{"seeds": ["zero"]}')
     one_line(cli("compare", tmp_path / "g", damaged, "--out", tmp_path / "c"), 1, "'seeds' should be a list")
     one_line(cli("train", "--resume", tmp_path / "g"), 1, "'seeds' should be a list")
+
+
+def test_run_files_are_readable_as_the_umask_says(cli, root, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert cli("train", "--data-root", root, *SMALL, "--out", tmp_path / "r")[0] == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir() if p.is_file()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_pretrain_needs_no_task_where_the_data_set_has_one(cli, tmp_path):
+    root = make_dataset(tmp_path / "data", "mnist")
+    assert cli("pretrain", "--dataset", "mnist", "--data-root", root, *SMALL, "--out", tmp_path / "m")[0] == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["tasks"] == ["mnist"]
+    one_line(cli("pretrain", "--data-root", root, "--out", tmp_path / "f"), 2, "--task is needed: fashion has the tasks")
