@@ -274,7 +274,9 @@ def stitch(
 @app.command()
 def train(
     ctx: typer.Context,
-    dataset: Annotated[Optional[str], typer.Option(help="Data set [default: fashion, or the --from run's].")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help=f"Data set: {', '.join(DATASETS)}, or csv:PATH (numeric features, label columns named by --tasks) "
+             "[default: fashion, or the --from run's].")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated (fashion: fine, coarse, body) [default: fine,coarse].")] = None,
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Start from this run's saved network (e.g. a stitch run).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
@@ -465,6 +467,18 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     return {sub: defaults}
 
 
+def _escaped(command):
+    """Help strings as written: Typer renders them as Rich markup, which took every bracketed part
+    (``[default: convnet]``, ``(nn.Module, [names])``) for a style tag and dropped it."""
+    from rich.markup import escape
+
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        for param in sub.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+    return command
+
+
 def _refuse_empty(command, argv: list[str]) -> None:
     """``--tasks ""`` must not quietly mean the default: an option given an empty value is an error."""
     sub = next((a for a in argv if a in command.commands), None)
@@ -488,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     _state["debug"] = "--debug" in argv[:1]
-    command = typer.main.get_command(app)
+    command = _escaped(typer.main.get_command(app))
     rank = int(distributed.launched() and os.environ.get("RANK", "0"))
     try:
         sub = next((a for a in argv if a in command.commands), None)

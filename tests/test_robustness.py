@@ -462,3 +462,14 @@ def test_pretrain_needs_no_task_where_the_data_set_has_one(cli, tmp_path):
     assert cli("pretrain", "--dataset", "mnist", "--data-root", root, *SMALL, "--out", tmp_path / "m")[0] == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["tasks"] == ["mnist"]
     one_line(cli("pretrain", "--data-root", root, "--out", tmp_path / "f"), 2, "--task is needed: fashion has the tasks")
+
+
+def test_help_shows_every_bracketed_part():
+    """Rich markup used to take [default: ...] and [stitch point names] for style tags and drop them."""
+    done = subprocess.run([sys.executable, "-m", "csnet", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"})
+    text = " ".join(done.stdout.split())
+    for part in ("fashion, mnist, mnist+fashion", "convnet, mlp, resnet18", "(nn.Module, [stitch point names])",
+                 "Initial same-task unit weight [default: 0.9]", "[default: 0.2, keep 0.8]", "[default: all]",
+                 "after-pool", "after-fc"):
+        assert part in text, part
