@@ -6,7 +6,6 @@ import torch
 from csnet import CrossStitchNet, ModelConfig, build_network
 from csnet.errors import UsageError
 from csnet.models import columns
-from csnet.models.network import count_macs
 
 
 def _config(**kw):

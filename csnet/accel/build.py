@@ -12,11 +12,9 @@ leaves csnet on its PyTorch layers, which compute the same numbers; ``status()``
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import shlex
