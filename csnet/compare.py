@@ -73,22 +73,13 @@ def members(entry: Path) -> dict[int, Path]:
     """{seed: run folder}: the trained seeds of a --seeds folder, or the run itself."""
     entry = Path(entry)
     if runio.is_group(entry):
-        found = {s: p for s, p in runio.group_members(entry).items() if has_rows(p / runio.METRICS)}
+        found = {s: p for s, p in runio.group_members(entry).items() if runio.has_rows(p / runio.METRICS)}
         if not found:
             raise UsageError(f"{entry} has no trained seed runs yet")
         return found
     config = runio.read_config(entry)
     seed = (runio.section(config, "train", entry, optional=True) or {}).get("seed", 0)
     return {seed if isinstance(seed, int) else 0: entry}
-
-
-def has_rows(path: Path) -> bool:
-    """A metrics.csv with at least one epoch (a run stopped in its first epoch has only the header)."""
-    try:
-        with open(path, "rb") as f:
-            return len([line for line in f.read(1 << 16).splitlines()[:2] if line.strip()]) > 1
-    except OSError:
-        return False
 
 
 def shortfalls(entry: Path, label: str, metrics: dict[int, pd.DataFrame]) -> list[str]:

@@ -185,6 +185,15 @@ def group_members(path: Path) -> dict[int, Path]:
     return {s: Path(path) / f"seed-{s}" for s in read_group(path)["seeds"]}
 
 
+def has_rows(path: Path) -> bool:
+    """A metrics.csv with at least one epoch (a run stopped in its first epoch has only the header)."""
+    try:
+        with open(path, "rb") as f:
+            return len([line for line in f.read(1 << 16).splitlines()[:2] if line.strip()]) > 1
+    except OSError:
+        return False
+
+
 def require_run(path: Path) -> Path:
     path = Path(path)
     if not (path / CONFIG).is_file():

@@ -364,9 +364,7 @@ def _check_last(last: dict, path: Path) -> dict:
 
 def _has_results(run: Path) -> bool:
     """A model.pt or an epoch in metrics.csv: work a restart must never throw away."""
-    from csnet.compare import has_rows
-
-    return (run / runio.MODEL).exists() or has_rows(run / runio.METRICS)
+    return (run / runio.MODEL).exists() or runio.has_rows(run / runio.METRICS)
 
 
 def status(run: Path, epochs: int | None = None) -> str:
