@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from csnet.accel.build import status
+from csnet.accel.kernels import conv_fits
 from csnet.accel.fused import (ONEDNN_LINEAR, ONEDNN_MIN_WEIGHTS, FusedConvBlock, NativeDropout, OneDNNLinear,
                                conv_block_pattern, off, unit_kernel)
 from csnet.models.columns import Dropout
@@ -49,7 +50,7 @@ def accelerate(net: nn.Module) -> dict:
         elif conv_block_pattern(module):
             module.__class__ = FusedConvBlock
             found["conv-block"] += 1
-            found["first-block"] += _first_candidate(module)
+            found["first-block"] += conv_fits(module[0])  # whether its input needs a gradient shows per call
         elif type(module) is nn.Linear and module.weight.numel() >= ONEDNN_MIN_WEIGHTS:
             if ONEDNN_LINEAR is None:
                 why["onednn-linear"] = "this torch has no usable oneDNN linear op"
@@ -64,9 +65,3 @@ def accelerate(net: nn.Module) -> dict:
             why[name] = "no layer of the kind it speeds up"
     return {"kernels": {k: v for k, v in found.items() if v}, "not applied": why}
 
-
-def _first_candidate(block: nn.Sequential) -> int:
-    """Whether a conv block's conv could run whole (the input's needs are known only at each call)."""
-    conv = block[0]
-    return int(conv.bias is None and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-               and conv.groups == 1 and conv.in_channels <= 3)

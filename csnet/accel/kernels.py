@@ -240,19 +240,23 @@ bn_pool_relu.register_autograd(_bn_grad, setup_context=_bn_context)
 
 # ---------------------------------------------------------------- the first conv block whole (bnpool.c)
 
-def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    """A 3x3 conv with stride 1, zero padding 1 and no bias, on a CPU float32 channels-last input of
-    at most ``MAX_IN_CHANNELS`` channels that needs no gradient (a column's first block)."""
-    w = conv.weight
+def conv_fits(conv: torch.nn.Conv2d) -> bool:
+    """The conv the first-block kernel computes: 3x3, stride 1, zero padding 1, no bias, at most
+    ``MAX_IN_CHANNELS`` input channels."""
     return (type(conv) is torch.nn.Conv2d  # a subclass may change what its forward computes
-            and not x.requires_grad and x.device.type == w.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32 and x.dim() == 4
-            and 1 <= x.shape[1] == conv.in_channels <= MAX_IN_CHANNELS
-            and 2 <= min(x.shape[2:]) and x.shape[3] <= MAX_WIDTH and x.shape[0] * x.shape[2] * x.shape[3] >= 2
-            and x.is_contiguous(memory_format=CL)
             and conv.bias is None and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+            and conv.padding_mode == "zeros" and 1 <= conv.in_channels <= MAX_IN_CHANNELS)
+
+
+def conv_block_usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """``conv_fits``, on a CPU float32 channels-last input that needs no gradient (a column's first
+    block, fed the images)."""
+    w = conv.weight
+    return (conv_fits(conv) and not x.requires_grad and x.device.type == w.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32 and x.dim() == 4 and x.shape[1] == conv.in_channels
+            and 2 <= min(x.shape[2:]) and x.shape[3] <= MAX_WIDTH and x.shape[0] * x.shape[2] * x.shape[3] >= 2
+            and x.is_contiguous(memory_format=CL))
 
 
 def _pads(x: torch.Tensor, threads: int) -> torch.Tensor:
