@@ -336,6 +336,18 @@ def _start_again(plan: dict, seed: int | None, out: Path, console: Console, quie
     return train(data_cfg, model_cfg, train_cfg, out, console, quiet, force=True, weights=weights, code=code)
 
 
+def _with(plan: dict, epochs: int | None, device: str | None) -> dict:
+    """The plan with --epochs and --device of the resuming command line applied."""
+    given = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
+    if not given or not isinstance(plan.get("train"), dict):  # a damaged plan is reported by _start_again
+        return plan
+    return {**plan, "train": {**plan["train"], **given}}
+
+
+def _train_config(config: dict, run: Path) -> TrainConfig:
+    return TrainConfig.from_dict(runio.section(config, "train", run), str(run / runio.CONFIG))
+
+
 def _plan_of_run(config: dict, run: Path) -> dict:
     """What a run's config.json says it runs, as a plan for ``_start_again``."""
     weights = runio.section(config, "weights", run, optional=True)
@@ -375,8 +387,7 @@ def status(run: Path, epochs: int | None = None) -> str:
         return "kept" if (run / runio.CONFIG).is_file() and _has_results(run) else "unstarted"
     if not (run / runio.CONFIG).is_file():
         return "unstarted"
-    config = runio.read_config(run)
-    train_cfg = TrainConfig.from_dict(runio.section(config, "train", run), str(run / runio.CONFIG))
+    train_cfg = _train_config(runio.read_config(run), run)
     last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
     done = last["position"]["epoch"] > (epochs or train_cfg.epochs)
     return "finished" if done and (epochs is not None or not _incomplete(run)) else "interrupted"
@@ -400,19 +411,15 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     source = run / runio.CONFIG
     if config.get("command") not in ("train", "pretrain"):
         raise UsageError(f"{run} is a {config.get('command')} run; only train and pretrain runs can be resumed")
-    train_cfg = TrainConfig.from_dict(runio.section(config, "train", run), str(source))
+    train_cfg = _train_config(config, run)
     if distributed.world().is_main:
         runio.remove_stale_temporaries(run)  # half-written files of the write a kill interrupted
     if not (run / runio.LAST).is_file():
         if _has_results(run):
             raise UsageError(f"{run} has results but no {runio.LAST} to continue from; it is left as it is "
                              "(train a new run, or replace this one with --force)")
-        plan = _plan_of_run(config, run)
-        if epochs is not None or device is not None:
-            plan["train"] = {**plan["train"], **({"epochs": epochs} if epochs else {}),
-                             **({"device": device} if device else {})}
         console.print(f"{run} stopped before its first checkpoint: starting it again", highlight=False)
-        return _start_again(plan, None, run, console, quiet, code, source)
+        return _start_again(_with(_plan_of_run(config, run), epochs, device), None, run, console, quiet, code, source)
     distributed.setup(device or train_cfg.device)
     w = distributed.world()
     console = console if w.is_main else Console(quiet=True)
@@ -474,18 +481,13 @@ def _resume_group(group: Path, console: Console, *, epochs: int | None, device: 
             console.print(f"{folder}: finished", highlight=False)
         elif state == "kept":
             console.print(f"{folder}: has results but no {runio.LAST}; left as it is", highlight=False)
-        elif state == "interrupted":
+        elif state == "interrupted" or (folder / runio.CONFIG).is_file():  # continues, or starts it again
             resume(folder, console, epochs=epochs, device=device, quiet=quiet, code=code)
-        elif (folder / runio.CONFIG).is_file():
-            resume(folder, console, epochs=epochs, device=device, quiet=quiet, code=code)  # starts it again
         elif plan is None:
             raise UsageError(f"{folder} was never started, and {group / runio.SEEDS} (from an older csnet) does not "
                              "record what it runs: rerun the command that made the folder, with --force")
         else:
-            seed_plan = plan if epochs is None else {**plan, "train": {**plan["train"], "epochs": epochs}}
-            if device is not None:
-                seed_plan = {**seed_plan, "train": {**seed_plan["train"], "device": device}}
-            _start_again(seed_plan, seed, folder, console, quiet, code, group / runio.SEEDS)
+            _start_again(_with(plan, epochs, device), seed, folder, console, quiet, code, group / runio.SEEDS)
 
     return _finish_seeds(list(runio.group_members(group)), group, console, one)
 
