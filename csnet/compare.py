@@ -28,29 +28,36 @@ def read_metrics(run: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UsageError(f"{run} has no {runio.METRICS} (a stitched run that was never trained? "
                          f"train it with: csnet train --from {run})")
+    return read_table(path, "metrics file", text=("split", "task", "metric"), numbers=("epoch", "value"),
+                      whole=("epoch",))
+
+
+def read_table(path: Path, what: str, text: tuple[str, ...], numbers: tuple[str, ...], whole: tuple[str, ...] = (),
+               finite: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV table of a run folder, checked before use (it may be hand-edited or damaged): every column
+    present, at least one row, numbers where numbers belong (``whole``: whole numbers from 0,
+    ``finite``: no NaN or inf). The message names the file, and the line of the first bad cell."""
     try:
-        df = pd.read_csv(path, dtype={"split": str, "task": str, "metric": str}, keep_default_na=False,
-                         na_values={"value": ["nan", "NaN", ""]})
+        df = pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False,
+                         na_values={c: ["nan", "NaN", ""] for c in numbers})
     except (OSError, ValueError) as e:  # ValueError: a malformed table, or bytes that are not UTF-8
         raise CsnetError(f"{path}: unreadable ({str(e).strip().splitlines()[0]})") from e
-    missing = set(runio.METRIC_FIELDS) - set(df.columns)
+    missing = set(text) - set(df.columns) | set(numbers) - set(df.columns)
     if missing or df.empty:
-        raise CsnetError(f"{path}: not a csnet metrics file (missing {', '.join(sorted(missing)) or 'rows'})")
-    return _numeric(df, path)
-
-
-def _numeric(df: pd.DataFrame, path: Path, columns=("epoch", "value")) -> pd.DataFrame:
-    """Check that hand-edited or damaged tables hold numbers where numbers belong; name the first bad cell."""
-    for col in columns:
+        raise CsnetError(f"{path}: not a csnet {what} (missing {', '.join(sorted(missing)) or 'rows'})")
+    for col in numbers:
         num = pd.to_numeric(df[col], errors="coerce")
         bad = num.isna() & df[col].notna() & (df[col].astype(str).str.strip().str.lower() != "nan")
-        if col == "epoch":
-            bad |= num.isna() | ~np.isfinite(num) | (num < 0) | (num != num.round())
+        if col in whole or col in finite:
+            bad |= num.isna() | ~np.isfinite(num)
+        if col in whole:
+            bad |= (num < 0) | (num != num.round())
         if bad.any():
             line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
-            raise CsnetError(f"{path}, line {line}: {col} {str(df[col][bad].iloc[0])!r} is not "
-                             f"{'a whole epoch number' if col == 'epoch' else 'a number'}")
-        df[col] = num.astype(int) if col == "epoch" else num.astype(float)
+            kind = ("a whole epoch number" if col == "epoch" else "a whole number") if col in whole else \
+                "a finite number" if col in finite else "a number"
+            raise CsnetError(f"{path}, line {line}: {col} {str(df[col][bad].iloc[0])!r} is not {kind}")
+        df[col] = num.astype(int) if col in whole else num.astype(float)
     return df
 
 
@@ -218,26 +225,13 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
     for label, run in zip(labels, runs):
         files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]
         if files:
-            finals[label] = pd.concat(_read_alpha(f) for f in files)
+            finals[label] = pd.concat(read_table(f, "alpha table", text=("point", "target", "source"),
+                                                 numbers=("channel", "value"), whole=("channel",),
+                                                 finite=("value",)) for f in files)
     if finals:
         figures.append(plots.alpha_side_by_side(finals, out / "alpha.png"))
     write_report(table, tasks, figures, out, [str(r) for r in ref_paths], notes)
     return table, figures
-
-
-def _read_alpha(path: Path) -> pd.DataFrame:
-    """alpha_final.csv, checked: point, target, source, channel and a numeric value."""
-    try:
-        df = pd.read_csv(path, dtype={"point": str, "target": str, "source": str})
-    except (OSError, ValueError) as e:
-        raise CsnetError(f"{path}: unreadable ({str(e).strip().splitlines()[0]})") from e
-    missing = {"point", "target", "source", "channel", "value"} - set(df.columns)
-    if missing:
-        raise CsnetError(f"{path}: not a csnet alpha table (missing {', '.join(sorted(missing))})")
-    for col in ("channel", "value"):
-        if pd.to_numeric(df[col], errors="coerce").isna().any():
-            raise CsnetError(f"{path}: column {col} holds a value that is not a number")
-    return df
 
 
 def _cell(row: pd.Series, task: str, first: bool) -> str:
