@@ -175,23 +175,28 @@ class _Tally:
             distributed.sum_(s)
         return self
 
+    def _labelled(self) -> dict[str, dict[str, float]]:
+        """{task: {loss, accuracy}} of the tasks that had labels, in task order."""
+        out = {}
+        for task, s in self.sums.items():
+            loss, correct, n = s.tolist()
+            if n:
+                out[task] = {"loss": loss / n, "accuracy": correct / n}
+        return out
+
     def result(self) -> dict[str, dict[str, float]]:
         """Per task, and their mean over the tasks that had labels. A task without labels has no
         values (NaN) and no part in the mean; a NaN of a task that had labels makes the mean NaN."""
-        out, labelled = {}, []
-        for task, s in self.sums.items():
-            loss, correct, n = s.tolist()
-            out[task] = {"loss": loss / n, "accuracy": correct / n} if n else {"loss": math.nan, "accuracy": math.nan}
-            if n:
-                labelled.append(out[task])
-        out["mean"] = {key: sum(m[key] for m in labelled) / len(labelled) if labelled else math.nan
+        labelled = self._labelled()
+        out = {t: labelled.get(t, {"loss": math.nan, "accuracy": math.nan}) for t in self.sums}
+        out["mean"] = {key: sum(m[key] for m in labelled.values()) / len(labelled) if labelled else math.nan
                        for key in ("loss", "accuracy")}
         return out
 
     def total_loss(self) -> float:
         """The training objective's value: the sum of the per-task mean losses (tasks that had labels)."""
-        per_task = [s[0].item() / s[2].item() for s in self.sums.values() if s[2].item()]
-        return sum(per_task) if per_task else math.nan
+        labelled = self._labelled()
+        return sum(m["loss"] for m in labelled.values()) if labelled else math.nan
 
 
 def _task_terms(logits: torch.Tensor, y: torch.Tensor):
