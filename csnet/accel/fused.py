@@ -89,6 +89,12 @@ def _statistics(bn: nn.BatchNorm2d, total: torch.Tensor, squares: torch.Tensor, 
     return mean.float(), torch.rsqrt(var.float() + bn.eps)
 
 
+def _folded(bn: nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor):
+    """Batch norm as one per-channel scale and shift: y * scale + shift."""
+    scale = bn.weight.detach() * invstd
+    return scale, bn.bias.detach() - mean * scale
+
+
 def _running(bn: nn.BatchNorm2d):
     """(mean, invstd) of the running statistics: evaluation, or a frozen norm."""
     return bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps)
@@ -118,8 +124,7 @@ class FusedConvBlock(nn.Sequential):
         else:
             mean, invstd = _running(bn)
         if not torch.is_grad_enabled():  # evaluation: nothing kept for a backward pass
-            scale = bn.weight.detach() * invstd
-            return torch.ops.csnet.bn_pool_relu_eval(y, scale, bn.bias.detach() - mean * scale)
+            return torch.ops.csnet.bn_pool_relu_eval(y, *_folded(bn, mean, invstd))
         return torch.ops.csnet.bn_pool_relu(y, bn.weight, bn.bias, mean, invstd, batch_stats)[0]
 
     def _whole(self, x):
@@ -133,9 +138,8 @@ class FusedConvBlock(nn.Sequential):
             mean, invstd = _running(bn)
         if not (torch.is_grad_enabled() and (conv.weight.requires_grad or bn.weight.requires_grad
                                              or bn.bias.requires_grad)):  # evaluation, or frozen columns
-            scale = bn.weight.detach() * invstd
-            return torch.ops.csnet.conv_bn_pool_relu_eval(x, kernels.conv_taps(conv.weight), scale,
-                                                          bn.bias.detach() - mean * scale)
+            taps = kernels.conv_taps(conv.weight)
+            return torch.ops.csnet.conv_bn_pool_relu_eval(x, taps, *_folded(bn, mean, invstd))
         return torch.ops.csnet.conv_bn_pool_relu(x, conv.weight, bn.weight, bn.bias, mean, invstd, S, G)[0]
 
 
