@@ -72,9 +72,9 @@ def from_dict(cls, d, what: str, source: str | None = None):
         t = _hints[cls][f.name]
         if not _fits(d[f.name], t):
             raise CsnetError(f"{where}{what} setting {f.name!r} should be {_type_name(t)}, found {d[f.name]!r}")
-    if source is None:
-        return cls(**d)
     try:
         return cls(**d)
     except CsnetError as e:
+        if source is None:
+            raise
         raise CsnetError(f"{source}: {e}") from e
