@@ -16,7 +16,7 @@ from torch import nn
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
-from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
+from csnet.models.backbones import TORCHVISION, as_column, custom_column, is_custom, torchvision_column
 from csnet.models.columns import Column
 from csnet.models.unit import INITS, MODES, CrossStitchUnit
 
@@ -61,7 +61,7 @@ class ModelConfig:
         # JSON and checkpoints give lists back; keep tuples so configs compare and hash.
         for name in ("tasks", "num_classes", "hidden"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.backbone not in BACKBONES and ":" not in self.backbone:
+        if self.backbone not in BACKBONES and not is_custom(self.backbone):
             raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
                              "or module.path:function for your own")
         if not 0 <= self.dropout < 1:
@@ -86,7 +86,7 @@ class ModelConfig:
             raise UsageError(f"unknown --unit-mode {self.unit_mode!r}; valid: {', '.join(MODES)}")
         if self.unit_init not in INITS:
             raise UsageError(f"unknown --unit-init {self.unit_init!r}; valid: {', '.join(INITS)}")
-        if self.in_features and self.backbone != "mlp" and ":" not in self.backbone:
+        if self.in_features and self.backbone != "mlp" and not is_custom(self.backbone):
             raise UsageError(f"tables of features need --backbone mlp (or your own), not {self.backbone}")
         if self.stitch == "after-pool" and self.backbone == "mlp":
             raise UsageError("--stitch after-pool does not apply to mlp (no pooling layers); valid: none, after-fc, "
