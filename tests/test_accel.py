@@ -143,6 +143,15 @@ def test_custom_ops_pass_opcheck():
     _opcheck(torch.ops.csnet.conv_bn_pool_relu.default, (x, weight, gamma, beta, mean, invstd, S, G))
     _opcheck(torch.ops.csnet.conv_bn_pool_relu.default, (x, weight, gamma, beta, mean, invstd, None, None))
     _opcheck(torch.ops.csnet.dropout.default, (torch.randn(8, 40, requires_grad=True), 0.3, -12345))
+    out, winner, picked = torch.ops.csnet.bn_pool_relu(y.detach(), gamma.detach(), beta.detach(), mean, invstd, True)
+    grad = torch.randn_like(out)
+    _opcheck(torch.ops.csnet.bn_pool_relu_backward.default,
+             (grad, winner, picked, y.detach(), mean, invstd, gamma.detach(), True))
+    out, winner = torch.ops.csnet.conv_bn_pool_relu(x, weight.detach(), gamma.detach(), beta.detach(), mean, invstd,
+                                                    S, G)
+    _opcheck(torch.ops.csnet.conv_bn_pool_relu_sums.default, (x, torch.randn_like(out), winner))
+    _opcheck(torch.ops.csnet.conv_bn_pool_relu_eval.default, (x, kernels.conv_taps(weight), gamma.detach(),
+                                                               beta.detach()))
 
 
 # ---------------------------------------------------------------- conv blocks: batch norm -> pool -> ReLU fused
