@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from csnet import distributed, runio, stages
-from csnet.data import DATASETS, DataConfig, dataset_spec, model_input
+from csnet.data import DATASETS, EXTRA, DataConfig, dataset_spec, model_input
 from csnet.errors import CsnetError, UsageError
 from csnet.models.backbones import is_custom
 from csnet.models.network import BACKBONES, ModelConfig
@@ -46,7 +46,8 @@ _state = {"debug": False}
 # Defaults come from the config dataclasses, so each setting is declared once.
 _D, _T = DataConfig(), TrainConfig()
 
-Dataset = Annotated[str, typer.Option(help=f"Data set: {', '.join(DATASETS)}, or csv:PATH (numeric features, label columns named by --tasks).")]
+DATASET_NAMES = ", ".join([*DATASETS, *EXTRA])
+Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, or csv:PATH (numeric features, label columns named by --tasks).")]
 DataRoot = Annotated[Optional[str], typer.Option(
     help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
 ValSize = Annotated[Optional[int], typer.Option(
@@ -114,6 +115,9 @@ ChannelsLast = Annotated[bool, typer.Option("--channels-last/--no-channels-last"
                                            help="channels_last (NHWC) memory format for conv columns.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network (slow to start; for long runs).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorch's deterministic algorithms (CUDA: slower).")]
+Select = Annotated[Optional[str], typer.Option(
+    help="Model selection: the best epoch by this validation metric, TASK:METRIC (e.g. depth:abs_err; its "
+         "direction comes from the task's kind) [default: the score, the mean of every task's primary metric].")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
 Config = Annotated[Optional[Path], typer.Option(
     help="A TOML file whose keys are this command's options (train-size = 6000, tasks = [\"fine\", \"coarse\"]); "
@@ -180,16 +184,34 @@ def _parse_list(text: str, option: str, cast=str) -> tuple:
     return items
 
 
+def _task_kinds(items) -> tuple[list[str], dict[str, str]]:
+    """``["gender", "age:regression"]`` -> task names and the kinds given ({"age": "regression"})."""
+    names, kinds = [], {}
+    for item in items:
+        name, _, kind = item.partition(":")
+        if not name:
+            raise UsageError(f"--tasks: {item!r} has no task name (write TASK or TASK:KIND)")
+        names.append(name)
+        if kind:
+            kinds[name] = kind
+    return names, kinds
+
+
 def _model_config(spec, tasks, *, stitch, label_columns=None, **given) -> ModelConfig:
     """ModelConfig from the options the user gave; unset ones keep the dataclass defaults."""
     kw = {k: v for k, v in given.items() if v is not None}
     kw.update(model_input(spec, tasks, _parse_list(label_columns, "--label-columns") if label_columns else None))
     if "in_features" in kw:
         kw.setdefault("backbone", "mlp")
-    num_classes = [spec.tasks[t] for t in tasks]
+    kw.setdefault("backbone", spec.backbone)
+    for t in tasks:
+        if spec.tasks[t].problem:
+            raise UsageError(spec.tasks[t].problem)
     if "hidden" in kw:
         kw["hidden"] = _parse_list(kw["hidden"], "--hidden", int)
-    return ModelConfig(tasks=tuple(tasks), num_classes=tuple(num_classes), stitch=stitch, **kw)
+    return ModelConfig(tasks=tuple(tasks), num_classes=tuple(spec.tasks[t].size for t in tasks),
+                       kinds=tuple(spec.tasks[t].kind for t in tasks), stitch=stitch, **kw)
+
 
 
 # ------------------------------------------------------------------ commands
@@ -214,8 +236,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 def pretrain(
     ctx: typer.Context,
     task: Annotated[Optional[str], typer.Option(
-        help="The single task this column learns (fashion: fine, coarse, body); not needed where the data set "
-             "has one task (mnist).")] = None,
+        help="The single task this column learns (fashion: fine, coarse, body), as TASK or TASK:KIND; not needed "
+             "where the data set has one task (mnist).")] = None,
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
@@ -224,18 +246,20 @@ def pretrain(
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
-    seeds: Seeds = None, device: Device = _T.device, deterministic: Deterministic = False,
+    seeds: Seeds = None, select: Select = None, device: Device = _T.device, deterministic: Deterministic = False,
     amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
     _join(device)
     seed_list = _seed_list(ctx, seeds)
-    spec = dataset_spec(dataset)
+    names, kinds = _task_kinds([task] if task is not None else [])
+    spec = dataset_spec(dataset, kinds)
     if task is None:
         if len(spec.tasks) != 1:
             raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
         task = next(iter(spec.tasks))
+    task = names[0] if names else task
     if task not in spec.tasks:
         raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
     model_cfg = _model_config(spec, [task], stitch="none", label_columns=label_columns, backbone=backbone,
@@ -246,7 +270,7 @@ def pretrain(
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
-                    amp=amp, channels_last=channels_last, compile=compile),
+                    amp=amp, channels_last=channels_last, compile=compile, select=select),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list, code=_code(backbone),
     )
 
@@ -275,9 +299,13 @@ def stitch(
 def train(
     ctx: typer.Context,
     dataset: Annotated[Optional[str], typer.Option(
-        help=f"Data set: {', '.join(DATASETS)}, or csv:PATH (numeric features, label columns named by --tasks) "
+        help=f"Data set: {DATASET_NAMES}, or csv:PATH (numeric features, label columns named by --tasks) "
              "[default: fashion, or the --from run's].")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Tasks, comma-separated (fashion: fine, coarse, body) [default: fine,coarse].")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="Tasks, comma-separated, each TASK or TASK:KIND (kinds: classification, binary, multilabel, regression, "
+             "segmentation, depth; a loss after a second colon, e.g. age:regression:l1). fashion: fine, coarse, body; "
+             "fashion-scenes: segment, depth, presence, count; csv:PATH: its columns, kind inferred when not "
+             "given. [default: the data set's, fashion: fine,coarse].")] = None,
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Start from this run's saved network (e.g. a stitch run).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
@@ -291,7 +319,7 @@ def train(
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
-    lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None,
+    lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None, select: Select = None,
     device: Device = _T.device, deterministic: Deterministic = False,
     amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
@@ -324,8 +352,9 @@ def train(
             dataset = stages.run_data_config(from_run).dataset
     else:
         dataset = dataset or _D.dataset
-        spec = dataset_spec(dataset)
-        task_list = _parse_list(tasks, "--tasks") if tasks is not None else spec.default_tasks
+        task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})
+        spec = dataset_spec(dataset, kinds)
+        task_list = task_list or list(spec.default_tasks)
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
         unknown = [t for t in task_list if t not in spec.tasks]
@@ -340,7 +369,8 @@ def train(
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
-                    deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile),
+                    deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile,
+                    select=select),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
         code=code,
     )
@@ -354,13 +384,13 @@ def eval_(
         help="Data set to evaluate on [default: the run's]; needed for a stitch of columns from different data sets.")] = None,
     device: Device = _T.device, data_root: DataRoot = None, backbone: TrustBackbone = None,
 ):
-    """Evaluate a run's saved network: per-task loss and accuracy and their mean; writes RUN/eval.csv."""
+    """Evaluate a run's saved network: per-task loss and metrics, the mean loss and the score; writes RUN/eval.csv."""
     metrics, not_saved = stages.eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
     table = Table(title=f"{run} ({split})")
-    for col in ("task", "loss", "accuracy"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+    for col in ("task", "loss", "metrics"):
+        table.add_column(col, justify="right" if col == "loss" else "left")
     for task, m in metrics.items():
-        table.add_row(task, f"{m['loss']:.4f}", f"{m['accuracy']:.4f}")
+        table.add_row(task, f"{m['loss']:.4f}", "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss"))
     console.print(table)
     if not_saved is not None:
         raise CsnetError(f"the metrics above were not saved: {not_saved}")

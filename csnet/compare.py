@@ -1,13 +1,18 @@
-"""Compare runs from their files alone: test accuracy at each run's best validation epoch, across seeds.
+"""Compare runs from their files alone: each task's test metrics at each run's best validation epoch,
+across seeds.
 
 Model selection on validation, reporting on test, keeps the comparison honest:
 picking the best test epoch would flatter every run. A folder made with --seeds
 is one entry: mean, standard deviation and a 95% t-interval over its seeds, and
 against the first entry the paired difference over the seeds both have, with the
-p-value of a paired t-test (scipy.stats). Delta_m is the multi-task score of
-Maninis et al. (CVPR 2019) and Vandenhende et al. (TPAMI 2021): the mean over
-tasks of the relative change of each task's accuracy against a single-task
-reference, in percent.
+p-value of a paired t-test (scipy.stats). The table shows each task's primary
+metric (accuracy, mean AP, R², mIoU, δ1: all higher is better) and the score, their mean.
+
+Delta_m is the multi-task score of Maninis et al. (CVPR 2019) and Vandenhende et al.
+(TPAMI 2021): Δm = (1/T) Σ_i (−1)^{l_i} (M_i − M_ref,i) / M_ref,i in percent, l_i = 1 where
+lower is better. A task with several Δm metrics (depth: abs_err, abs_rel) contributes
+the mean of their terms, as LibMTL averages them. Kinds and directions are read from
+each run's config.json (what its tasks recorded), so compare never imports a model.
 """
 
 from __future__ import annotations
@@ -61,18 +66,52 @@ def read_table(path: Path, what: str, text: tuple[str, ...], numbers: tuple[str,
     return df
 
 
-def summarize(df: pd.DataFrame) -> dict:
-    """Best epoch by mean validation accuracy (the first, on ties) and the test accuracies there."""
-    val = df[(df.split == "val") & (df.task == "mean") & (df.metric == "accuracy")].set_index("epoch").value
+# What a run without a "tasks" section in config.json (an older csnet) trained: classification.
+CLASSIFICATION = {"kind": "classification", "primary": "accuracy", "metrics": {"accuracy": "higher"},
+                  "delta": ["accuracy"]}
+
+
+def task_info(run: Path, tasks) -> dict[str, dict]:
+    """{task: {kind, primary, metrics: {name: higher|lower}, delta}} as the run recorded them."""
+    recorded = runio.read_config(run).get("tasks")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    info = {}
+    for t in tasks:
+        r = recorded.get(t)
+        ok = isinstance(r, dict) and isinstance(r.get("primary"), str) and isinstance(r.get("metrics"), dict) \
+            and isinstance(r.get("delta"), list) and all(v in ("higher", "lower") for v in r["metrics"].values())
+        info[t] = r if ok else CLASSIFICATION
+    return info
+
+
+def selected_by(run: Path) -> tuple[str, str, float]:
+    """(task, metric, sign) of the validation value the run picked its best epoch by: its --select, else the
+    score (``mean``/``score``; ``mean``/``accuracy`` in runs of an older csnet)."""
+    train = runio.section(runio.read_config(run), "train", run, optional=True) or {}
+    select = train.get("select")
+    if isinstance(select, str) and select.count(":") == 1:
+        task, metric = select.split(":")
+        direction = task_info(run, [task])[task]["metrics"].get(metric, "higher")
+        return task, metric, 1.0 if direction == "higher" else -1.0
+    return "mean", "score", 1.0
+
+
+def summarize(df: pd.DataFrame, by: tuple[str, str, float] = ("mean", "score", 1.0)) -> dict:
+    """Best epoch by the validation value ``by`` (the first, on ties) and every test metric there."""
+    task, metric, sign = by
+    if metric == "score" and not ((df.task == "mean") & (df.metric == "score")).any():
+        metric = "accuracy"  # a run of an older csnet: its score was the mean accuracy
+    val = df[(df.split == "val") & (df.task == task) & (df.metric == metric)].set_index("epoch").value
     if val.dropna().empty:
-        raise CsnetError("metrics have no validation accuracy (no labelled validation samples?)")
-    best = int(val.idxmax())
-    test = df[(df.split == "test") & (df.metric == "accuracy") & (df.epoch == best)]
+        raise CsnetError(f"metrics have no validation {task} {metric} (no labelled validation samples?)")
+    best = int((sign * val).idxmax())
+    test = df[(df.split == "test") & (df.epoch == best)]
     return {
         "epochs": int(df.epoch.max()),
         "best_epoch": best,
         "val_mean": float(val[best]),
-        "test": dict(zip(test.task, test.value.astype(float))),
+        "test": {(t, "score" if (t, m) == ("mean", "accuracy") else m): float(v)
+                 for t, m, v in zip(test.task, test.metric, test.value)},
     }
 
 
@@ -116,25 +155,32 @@ def labels_for(runs: list[Path]) -> list[str]:
 
 
 def entry_scores(entry: Path) -> tuple[pd.DataFrame, dict[int, pd.DataFrame], dict]:
-    """Per seed (rows) the test accuracy per task and mean (columns) at the best validation epoch,
-    the metrics of each seed, and the network's size from config.json."""
+    """Per seed (rows) each task's primary test metric and the score (column ``mean``) at the best
+    validation epoch, the metrics of each seed, and ``info``: the network's size from config.json, the
+    tasks' kinds and directions, and every test metric per seed (``info["full"]``, columns (task, metric))."""
     runs = members(entry)
     metrics = {seed: read_metrics(path) for seed, path in runs.items()}
     rows, info = {}, {"epochs": [], "best_epoch": []}
     for seed, df in metrics.items():
         try:
-            s = summarize(df)
+            s = summarize(df, selected_by(runs[seed]))
         except CsnetError as e:
             raise CsnetError(f"{runs[seed] / runio.METRICS}: {e}") from None
         rows[seed] = s["test"]
         info["epochs"].append(s["epochs"])
         info["best_epoch"].append(s["best_epoch"])
-    first = runio.read_config(next(iter(runs.values())))
-    stats_ = first.get("model_stats")
+    first_run = next(iter(runs.values()))
+    stats_ = runio.read_config(first_run).get("model_stats")
     info["model_stats"] = stats_ if isinstance(stats_, dict) else {}
-    scores = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-    tasks = [c for c in scores.columns if c != "mean"]
-    return scores[tasks + ["mean"]], metrics, info
+    full = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    full.columns = pd.MultiIndex.from_tuples(full.columns)
+    tasks = [t for t in dict.fromkeys(full.columns.get_level_values(0)) if t not in ("mean", "total", "all")]
+    info["tasks"] = task_info(first_run, tasks)
+    info["full"] = full
+    scores = pd.DataFrame({t: full.get((t, info["tasks"][t]["primary"]), pd.Series(np.nan, index=full.index))
+                           for t in tasks}, index=full.index)
+    scores["mean"] = full[("mean", "score")] if ("mean", "score") in full else np.nan
+    return scores, metrics, info
 
 
 def interval(values: pd.Series) -> tuple[float, float, float, float]:
@@ -167,16 +213,40 @@ def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
     return float(a.mean() - b.mean()), float(stats.ttest_ind(a.dropna(), b.dropna(), equal_var=False).pvalue), 0
 
 
-def delta_m(scores: dict[str, float], references: dict[str, float]) -> float:
-    """100 * mean over tasks of (M_t - M_ref,t) / M_ref,t; accuracy: higher is better, so no sign flip."""
-    tasks = [t for t in scores if t != "mean" and t in references and references[t] and not math.isnan(scores[t])]
-    if not tasks:
-        return math.nan
-    return 100.0 * sum((scores[t] - references[t]) / references[t] for t in tasks) / len(tasks)
+def delta_m(scores: dict[tuple[str, str], float], references: dict[tuple[str, str], float],
+            tasks: dict[str, dict]) -> float:
+    """Δm in percent: the mean over tasks of (−1)^{l} (M − M_ref) / M_ref, each task's terms averaged over its
+    Δm metrics (``tasks[t]["delta"]``, directions in ``tasks[t]["metrics"]``). Tasks or metrics without a
+    value, or with a zero reference, are left out."""
+    per_task = []
+    for t, info in tasks.items():
+        terms = []
+        for m in info["delta"]:
+            value, ref = scores.get((t, m), math.nan), references.get((t, m), math.nan)
+            if math.isnan(value) or math.isnan(ref) or ref == 0:
+                continue
+            sign = -1.0 if info["metrics"].get(m) == "lower" else 1.0
+            terms.append(sign * (value - ref) / abs(ref))
+        if terms:
+            per_task.append(sum(terms) / len(terms))
+    return 100.0 * sum(per_task) / len(per_task) if per_task else math.nan
+
+
+def check_kinds(entries: dict, labels: list[str]) -> None:
+    """A task that two entries trained as different kinds (or scored by different metrics) has numbers
+    that do not compare: refuse rather than put them in one column."""
+    seen: dict[str, tuple[str, dict]] = {}
+    for label in labels:
+        for task, info in entries[label][2]["tasks"].items():
+            if task in seen and (seen[task][1]["kind"].split(":")[0], seen[task][1]["primary"]) != \
+                    (info["kind"].split(":")[0], info["primary"]):
+                raise UsageError(f"task {task} is {seen[task][1]['kind']} in {seen[task][0]} but {info['kind']} in "
+                                 f"{label}: their numbers do not compare (rename the task in one of them)")
+            seen.setdefault(task, (label, info))
 
 
 def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -> tuple[pd.DataFrame, list[Path]]:
-    """One row per entry: test accuracy per task and mean (over seeds: mean, std, 95% CI), the paired
+    """One row per entry: each task's primary test metric and the score (over seeds: mean, std, 95% CI), the paired
     difference from the first entry in points with its p-value, Delta_m against the references, and the
     network's size. Writes compare.csv, REPORT.md and the plots to ``out``."""
     if len(runs) < 2:
@@ -185,18 +255,24 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
     labels = labels_for(runs)
     entries = {label: entry_scores(run) for label, run in zip(labels, runs)}
     ref_paths = references or [runs[0]]
-    by_path = {Path(run).resolve(): entries[label][0] for label, run in zip(labels, runs)}
-    ref_scores: dict[str, float] = {}
-    for ref in ref_paths:  # the first reference that has a task sets its reference accuracy
+    by_path = {Path(run).resolve(): entries[label][2]["full"] for label, run in zip(labels, runs)}
+    ref_scores: dict[tuple[str, str], float] = {}
+    ref_tasks: set[str] = set()
+    for ref in ref_paths:  # the first reference that has a task sets its reference values
         ref_table = by_path.get(Path(ref).resolve())
         if ref_table is None:
-            ref_table = entry_scores(ref)[0]
-        for task in ref_table.columns:
-            if task != "mean":
-                ref_scores.setdefault(task, float(ref_table[task].mean()))
+            ref_table = entry_scores(ref)[2]["full"]
+        for task in dict.fromkeys(ref_table.columns.get_level_values(0)):
+            if task in ("mean", "total", "all") or task in ref_tasks:
+                continue
+            ref_tasks.add(task)
+            for metric in ref_table[task].columns:
+                ref_scores[(task, metric)] = float(ref_table[(task, metric)].mean())
     notes = [n for label, run in zip(labels, runs) for n in shortfalls(run, label, entries[label][1])]
     base = entries[labels[0]][0]
     tasks = list(dict.fromkeys(t for scores, _, _ in entries.values() for t in scores.columns if t != "mean"))
+    kinds = {t: info["tasks"][t] for _, _, info in reversed(list(entries.values())) for t in info["tasks"]}
+    check_kinds(entries, labels)
     rows = []
     for label, run in zip(labels, runs):
         scores, _, info = entries[label]
@@ -211,16 +287,22 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
             if task in base and len(col):
                 diff, p, n = paired(col, base[task])
                 row.update({f"diff_{task}_pp": 100 * diff, f"diff_{task}_p": p, f"diff_{task}_paired": n})
-        row["delta_m"] = delta_m({t: row[f"test_{t}"] for t in tasks}, ref_scores)
+        full = info["full"]
+        for task in tasks:  # every metric of every task, averaged over seeds
+            for metric in (full[task].columns if task in full.columns.get_level_values(0) else ()):
+                row[f"{task}:{metric}"] = float(full[(task, metric)].mean())
+        row["delta_m"] = delta_m({(t, m): float(full[(t, m)].mean()) for t, m in full.columns}, ref_scores,
+                                 info["tasks"])
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["tasks"] = tasks
+    table.attrs["primary"] = {t: kinds[t]["primary"] for t in tasks}
     table.attrs["notes"] = notes
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
     metrics = {f"{label}" + (f" (seed {s})" if len(entries[label][1]) > 1 else ""): df
                for label in labels for s, df in entries[label][1].items()}
-    figures = plots.curves(metrics, out)
+    figures = plots.curves(metrics, out, {t: kinds[t]["primary"] for t in tasks})
     finals = {}
     for label, run in zip(labels, runs):
         files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]
@@ -251,7 +333,9 @@ def _cell(row: pd.Series, task: str, first: bool) -> str:
 
 def format_rows(table: pd.DataFrame, tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by the console table and REPORT.md."""
-    header = ["run", "seeds", "params", "MACs/example"] + tasks + ["mean", "Δm %"]
+    primary = table.attrs.get("primary", {})
+    header = ["run", "seeds", "params", "MACs/example"] + [f"{t} {primary.get(t, 'accuracy')}" for t in tasks] + \
+        ["score", "Δm %"]
     cells = []
     for i, row in table.iterrows():
         params = row.get("parameters")
@@ -269,10 +353,12 @@ def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out
     header, cells = format_rows(table, tasks)
     lines = [
         "# csnet comparison", "",
-        "Test accuracy (%) at each run's best validation epoch. With several seeds: mean ± std "
+        "Each task's primary test metric (%) at each run's best validation epoch, and the score (their "
+        "mean, which picks that epoch on validation). With several seeds: mean ± std "
         "[95% t-interval]; in brackets the difference from the first run in points and the p-value of a "
         "paired t-test over the seeds both runs have (Welch's test where they share none). "
-        f"Δm: mean relative change per task against {', '.join(refs)}.", "",
+        f"Δm: mean relative change per task against {', '.join(refs)}, its sign flipped for lower-is-better "
+        "metrics (every metric of every run is in compare.csv).", "",
         "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         *["| " + " | ".join(c) + " |" for c in cells], "",
         *[f"**Note:** {n}." for n in notes], *([""] if notes else []),

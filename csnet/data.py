@@ -17,13 +17,15 @@ import gzip
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from csnet.errors import CsnetError, UsageError
 from csnet.settings import MAX_SEED
+from csnet.tasks import MISSING, Task, TaskSpec, split_kind
+from csnet.tasks import make as make_task
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -32,7 +34,7 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
-MISSING_LABEL = -1  # a sample without a label for a task; its loss is masked out
+MISSING_LABEL = MISSING  # a sample without a class label for a task; its loss is masked out
 
 # Coarse task of the TensorFlow reproduction: 0 shoes {5 sandal, 7 sneaker, 9 ankle boot},
 # 1 for women {3 dress, 6 shirt, 8 bag}, 2 other {0 t-shirt, 1 trouser, 2 pullover, 4 coat}.
@@ -61,13 +63,20 @@ class Source:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A named data set: its sources, tasks (name -> number of classes) and input shape."""
+    """A named data set: its sources, tasks (name -> kind and size), input shape, and how it loads:
+    ``loader(cfg, spec, tasks) -> Data`` (None: the IDX sources)."""
 
     name: str
     sources: tuple[Source, ...]
-    tasks: dict[str, int]
+    tasks: dict[str, TaskSpec]
     default_tasks: tuple[str, ...]
     input_shape: tuple[int, ...] = (1, 28, 28)
+    loader: object = None
+    backbone: str = "convnet"  # the default column for this data's inputs
+
+
+def classes(**sizes: int) -> dict[str, TaskSpec]:
+    return {task: TaskSpec("classification", n) for task, n in sizes.items()}
 
 
 FASHION = Source(
@@ -84,15 +93,17 @@ MNIST = Source(
 )
 
 DATASETS = {
-    "fashion": DatasetSpec("fashion", (FASHION,), {"fine": 10, "coarse": 3, "body": 5}, ("fine", "coarse")),
-    "mnist": DatasetSpec("mnist", (MNIST,), {"mnist": 10}, ("mnist",)),
+    "fashion": DatasetSpec("fashion", (FASHION,), classes(fine=10, coarse=3, body=5), ("fine", "coarse")),
+    "mnist": DatasetSpec("mnist", (MNIST,), classes(mnist=10), ("mnist",)),
     # The two-domain notebook: the shuffled union of both, each image labelled for its own domain only.
     "mnist+fashion": DatasetSpec(
         "mnist+fashion",
         (MNIST, Source(FASHION.folder, FASHION.how_to_get, {"fashion": None})),
-        {"mnist": 10, "fashion": 10}, ("mnist", "fashion"),
+        classes(mnist=10, fashion=10), ("mnist", "fashion"),
     ),
 }
+# Sources that need more than the IDX reader register here, loaded when named (csnet.scenes, csnet.tabular).
+EXTRA = {"fashion-scenes": "csnet.scenes"}
 
 
 @dataclass(frozen=True)
@@ -135,14 +146,29 @@ def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     return {"in_channels": channels, "image_size": size}
 
 
-def dataset_spec(name: str) -> DatasetSpec:
+def dataset_spec(name: str, kinds: dict[str, str] | None = None) -> DatasetSpec:
+    """The data set called ``name``; ``kinds`` (task -> kind) are the kinds the user asked for, which a
+    table's columns take and a built-in set's tasks must agree with."""
     if name.startswith("csv:"):
         from csnet.tabular import csv_spec
 
-        return csv_spec(name)
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, csv:PATH")
-    return DATASETS[name]
+        return csv_spec(name, kinds or {})
+    if name in EXTRA:
+        import importlib
+
+        spec = importlib.import_module(EXTRA[name]).SPEC
+    elif name in DATASETS:
+        spec = DATASETS[name]
+    else:
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join([*DATASETS, *EXTRA])}, csv:PATH")
+    for task, kind in (kinds or {}).items():
+        have = spec.tasks.get(task)
+        if have is not None and split_kind(kind, task)[0] is not split_kind(have.kind, task)[0]:
+            raise UsageError(f"task {task} of {name} is a {have.kind} task; it cannot be trained as {kind} "
+                             f"(leave the kind out, or give {task}:{split_kind(have.kind)[0].kind})")
+    if kinds:
+        spec = replace(spec, tasks={t: replace(ts, kind=kinds.get(t, ts.kind)) for t, ts in spec.tasks.items()})
+    return spec
 
 
 # ---------------------------------------------------------------- IDX files
@@ -227,7 +253,8 @@ def locate(source: Source | DatasetSpec, data_root: Path | None = None) -> dict[
 
 @dataclass
 class Split:
-    """Images kept as uint8 (N, C, H, W) and one int64 label vector per task (-1 = no label)."""
+    """Images kept as uint8 (N, C, H, W) (or float features (N, F)) and one target tensor per task,
+    indexed by sample on its first dimension, in the encoding its kind reads (``csnet.tasks``)."""
 
     images: torch.Tensor
     labels: dict[str, torch.Tensor]
@@ -248,7 +275,6 @@ class Data:
     test: Split
     mean: float | torch.Tensor  # a tensor of per-feature statistics for tables
     std: float | torch.Tensor
-    num_classes: dict[str, int]
     files: dict[str, Path]
 
     def split(self, name: str) -> Split:
@@ -259,15 +285,23 @@ class Data:
     def to(self, device: torch.device) -> "Data":
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731 (per-feature stats)
         return Data(self.train.to(device), self.val.to(device), self.test.to(device),
-                    move(self.mean), move(self.std), self.num_classes, self.files)
+                    move(self.mean), move(self.std), self.files)
+
+    def target_stats(self, tasks: dict[str, Task]) -> dict[str, tuple]:
+        """(mean, std) of each standardized task's training targets: what its head learns around."""
+        return {name: task.statistics(self.train.labels[name]) for name, task in tasks.items() if task.standardized}
 
 
-def check_tasks(dataset: str, tasks) -> DatasetSpec:
-    spec = dataset_spec(dataset)
-    for task in tasks:
-        if task not in spec.tasks:
-            raise UsageError(f"unknown task {task!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-    return spec
+def check_tasks(dataset: str, tasks) -> tuple[DatasetSpec, dict[str, Task]]:
+    """The data set and its tasks as Task objects (``tasks`` may be names: the data set's own kinds)."""
+    given = {name: task.spec for name, task in tasks.items()} if isinstance(tasks, dict) else {}
+    spec = dataset_spec(dataset, given)
+    for name in tasks:
+        if name not in spec.tasks:
+            raise UsageError(f"unknown task {name!r} for {dataset}; valid: {', '.join(spec.tasks)}")
+    if not isinstance(tasks, dict):
+        tasks = {t: make_task(t, spec.tasks[t].kind, spec.tasks[t].size) for t in tasks}
+    return spec, tasks
 
 
 def _read_source(source: Source, data_root: Path | None, tasks) -> tuple[dict, dict[str, Path]]:
@@ -311,21 +345,18 @@ def subset(split: Split, idx: torch.Tensor | None) -> Split:
     return Split(split.images[idx], {t: y[idx] for t, y in split.labels.items()})
 
 
-def starve(split: Split, counts: dict[str, int], seed: int) -> Split:
-    """Keep only ``counts[task]`` labels of each named task (seeded choice among the labelled samples);
-    the rest become unlabelled for that task: the paper's data-starved setting."""
+def starve(split: Split, counts: dict[str, int], seed: int, tasks: dict[str, Task]) -> Split:
+    """Keep only ``counts[task]`` labelled samples of each named task (seeded choice among the labelled
+    ones); the rest become unlabelled for that task: the paper's data-starved setting."""
     labels = dict(split.labels)
-    for task, n in counts.items():
-        if task not in labels:
-            raise UsageError(f"--starve {task}={n}: no task {task} in this run (tasks: {', '.join(labels)})")
-        labelled = (labels[task] != MISSING_LABEL).nonzero().squeeze(1)
+    for name, n in counts.items():
+        if name not in labels:
+            raise UsageError(f"--starve {name}={n}: no task {name} in this run (tasks: {', '.join(labels)})")
+        labelled = tasks[name].labelled(labels[name]).nonzero().squeeze(1)
         if not 0 <= n <= len(labelled):
-            raise UsageError(f"--starve {task}={n}: the training set has {len(labelled)} {task} labels")
+            raise UsageError(f"--starve {name}={n}: the training set has {len(labelled)} {name} labels")
         order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))
-        drop = labelled[order[n:]]
-        y = labels[task].clone()
-        y[drop] = MISSING_LABEL
-        labels[task] = y
+        labels[name] = tasks[name].unlabel(labels[name], labelled[order[n:]])
     return Split(split.images, labels)
 
 
@@ -350,17 +381,16 @@ def test_subset(n: int, cfg: DataConfig) -> torch.Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.test_size]
 
 
-def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
-    """Load a data set, hold out a seeded validation set, and optionally keep a seeded training subset.
+def load(cfg: DataConfig, tasks: dict[str, Task] | list[str]) -> Data:
+    """Load a data set for ``tasks`` (name -> Task, or names), hold out a seeded validation set, and optionally
+    keep a seeded training subset.
 
     The validation hold-out depends only on ``split_seed``, so runs with different
     training seeds are compared on the same images.
     """
-    spec = check_tasks(cfg.dataset, tasks)
-    if cfg.dataset.startswith("csv:"):
-        from csnet.tabular import load_csv
-
-        return load_csv(cfg, spec, tasks)
+    spec, tasks = check_tasks(cfg.dataset, tasks)
+    if spec.loader is not None:
+        return spec.loader(cfg, spec, tasks)
     if cfg.test_csv or cfg.label_columns:
         raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
     root = Path(cfg.data_root) if cfg.data_root else None
@@ -375,7 +405,7 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
     val_idx, train_idx = holdout(len(full_train), cfg, 5000)
     train = subset(full_train, train_idx)
     if cfg.starve:
-        train = starve(train, cfg.starve, cfg.split_seed)
+        train = starve(train, cfg.starve, cfg.split_seed, tasks)
     pixels = train.images.float()
     return Data(
         train=train,
@@ -383,7 +413,6 @@ def load(cfg: DataConfig, tasks: list[str] | tuple[str, ...]) -> Data:
         test=subset(full_test, test_subset(len(full_test), cfg)),
         mean=float(pixels.mean()),
         std=float(pixels.std()),
-        num_classes={t: spec.tasks[t] for t in tasks},
         files=files,
     )
 

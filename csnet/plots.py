@@ -1,7 +1,8 @@
 """Figures drawn from metrics.csv alone (never from models): the seed-003 comparison plots.
 
-Test accuracy per task against epoch and total training loss against epoch, one
-line per run, as in the Fashion-MNIST cross-stitch reproduction's figures.
+Each task's primary test metric against epoch (accuracy for classification, as in the
+Fashion-MNIST cross-stitch reproduction's figures) and total training loss against epoch,
+one line per run.
 """
 
 from __future__ import annotations
@@ -28,24 +29,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def test_accuracy(metrics: dict[str, pd.DataFrame], path: Path) -> Path:
-    """One panel per task (and the mean over tasks), one line per run."""
+def test_metrics(metrics: dict[str, pd.DataFrame], path: Path, primary: dict[str, str] | None = None) -> Path:
+    """One panel per task (its primary metric: accuracy unless ``primary`` names another) and one for the
+    score (the mean over tasks), one line per run."""
+    primary = primary or {}
     tasks = []
     for df in metrics.values():
-        for t in df.loc[(df.split == "test") & (df.metric == "accuracy"), "task"].unique():
-            if t not in tasks and t != "mean":
+        for t in df.loc[df.split == "test", "task"].unique():
+            if t not in tasks and t not in ("mean", "total", "all"):
                 tasks.append(t)
-    panels = tasks + ["mean"]
+    panels = [(t, primary.get(t, "accuracy")) for t in tasks] + [("mean", "score")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], panels):
+    for ax, (task, metric) in zip(axes[0], panels):
         for label, df in metrics.items():
-            rows = df[(df.split == "test") & (df.metric == "accuracy") & (df.task == task)]
+            rows = df[(df.split == "test") & (df.task == task) & (df.metric == metric)]
+            if task == "mean" and rows.empty:  # a run of an older csnet: its score was the mean accuracy
+                rows = df[(df.split == "test") & (df.task == task) & (df.metric == "accuracy")]
             if len(rows):
                 ax.plot(rows.epoch, rows.value, marker="o", label=label)
-        ax.set_title(f"test accuracy: {task}")
+        ax.set_title(f"test {metric}: {task}" if task != "mean" else "test score (mean of the tasks' metrics)",
+                     fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=8)
     return _save(fig, path)
 
@@ -64,9 +69,9 @@ def train_loss(metrics: dict[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
-def curves(metrics: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+def curves(metrics: dict[str, pd.DataFrame], out_dir: Path, primary: dict[str, str] | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [test_accuracy(metrics, out_dir / "test_accuracy.png"), train_loss(metrics, out_dir / "train_loss.png")]
+    return [test_metrics(metrics, out_dir / "test_metrics.png", primary), train_loss(metrics, out_dir / "train_loss.png")]
 
 
 # ---------------------------------------------------------------- what the units learned (paper, section 5.4)

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from csnet import data as data_lib
 from csnet import distributed, plots, runio
-from csnet.compare import read_metrics
+from csnet.compare import read_metrics, task_info
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
@@ -20,7 +20,7 @@ from csnet.models.backbones import is_custom
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
-from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device
+from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device, selection
 
 
 def _config(command: str, device: torch.device, **sections) -> dict:
@@ -132,17 +132,25 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
     console = console if main else Console(quiet=True)
 
     def setup():
+        nonlocal model_cfg
         if main:
             runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
         device, note = resolve_device(train_cfg.device)
+        selection(train_cfg, model_cfg.task_list())  # a --select naming no task or metric fails before any work
         torch.manual_seed(train_cfg.seed)
         net = _build(model_cfg, code, source, weights)  # a bad stitch point or backbone fails here, before the data
         if state is not None:
             _load_state(net, state, source / runio.MODEL)
         if note:
             console.print(note, highlight=False)
-        data = data_lib.load(data_cfg, model_cfg.tasks)
+        data = data_lib.load(data_cfg, model_cfg.task_list())
         _check_geometry(model_cfg, data)
+        if model_cfg.needs_stats():  # regression heads learn standardized targets: the training split's statistics
+            model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
+            torch.manual_seed(train_cfg.seed)  # the same initial weights as the network built above
+            net = _build(model_cfg, code, source, weights)
+            if state is not None:
+                _load_state(net, state, source / runio.MODEL)
         return device, net, data
 
     device, net, data = distributed.together(setup)  # one failing rank stops all, with one message
@@ -157,11 +165,13 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             source=str(source) if source else None, data_stats=_data_stats(data),
             weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
             model_stats=model_stats, processes=distributed.world().size, accel=net.accel,
+            tasks={name: task.describe() for name, task in model_cfg.task_list().items()},
         )
         return runio.create_run(out, config, force)
 
     run = distributed.together(create, main_only=True) or out
-    console.print(f"{command}: {', '.join(model_cfg.tasks)} on {data_cfg.dataset} "
+    kinds = model_cfg.task_list()
+    console.print(f"{command}: {', '.join(f'{t} ({task.spec})' for t, task in kinds.items())} on {data_cfg.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
                   f"{model_cfg.backbone}, "
                   + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else f"stitch {model_cfg.stitch}")
@@ -182,15 +192,20 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     if not distributed.world().is_main:
         return run
     _outputs(run)
-    console.print(f"best epoch {best['epoch']} (val mean accuracy {best['val_accuracy']:.4f}); run saved in {run}",
-                  highlight=False)
+    if best.get("selected_by", "val score") == "val score":
+        what = f"val score {best['val_score']:.4f}"
+    else:
+        what = f"{best['selected_by']} {abs(best['val_score']):.4f}"
+    console.print(f"best epoch {best['epoch']} ({what}); run saved in {run}", highlight=False)
     return run
 
 
 def _outputs(run: Path) -> None:
     """The figures a finished run keeps in RUN/plots, drawn from its files."""
     (run / "plots").mkdir(exist_ok=True)
-    plots.curves({run.name: read_metrics(run)}, run / "plots")
+    metrics = read_metrics(run)
+    tasks = [t for t in dict.fromkeys(metrics.task) if t not in ("mean", "total", "all")]
+    plots.curves({run.name: metrics}, run / "plots", {t: i["primary"] for t, i in task_info(run, tasks).items()})
     plots.alpha_plots(run)
 
 
@@ -294,7 +309,7 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
     state = None
     if from_run is not None:
         model_cfg, state, _ = _load_model(from_run)
-        spec = data_lib.dataset_spec(data_cfg.dataset)
+        spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)))
         missing = [t for t in model_cfg.tasks if t not in spec.tasks]
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
@@ -369,8 +384,8 @@ def _check_last(last: dict, path: Path) -> dict:
     if not (whole(position.get("epoch"), 1) and whole(position.get("step"), 0)
             and whole(position.get("world_size", 1), 1)):
         raise CsnetError(f"{path}: 'position' should hold a whole epoch (from 1) and step, found {position}")
-    if not (whole(best.get("epoch"), 0) and isinstance(best.get("val_accuracy"), (int, float))):
-        raise CsnetError(f"{path}: 'best' should hold an epoch and a validation accuracy, found {best}")
+    if not (whole(best.get("epoch"), 0) and isinstance(best.get("val_score"), (int, float))):
+        raise CsnetError(f"{path}: 'best' should hold an epoch and a validation score, found {best}")
     return last
 
 
@@ -447,7 +462,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
         if note:
             console.print(note, highlight=False)
         data = data_lib.load(from_dict(DataConfig, runio.section(config, "data", run), "data", str(source)),
-                             model_cfg.tasks)
+                             model_cfg.task_list())
         _check_geometry(model_cfg, data)
         net = _build(model_cfg, code, run)
         _load_state(net, last["model"], run / runio.LAST)
@@ -531,6 +546,8 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     if len(set(names)) != len(names):
         raise UsageError(f"two columns would share a task name ({', '.join(names)}); name them with --tasks")
     model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
+                            kinds=tuple(next(iter(c.task_list().values())).spec for c, _, _ in loaded),
+                            target_stats=tuple(next(iter(c.task_list().values())).stats for c, _, _ in loaded),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
                             **loaded[0][0].column_arch())
     net = _build(model_cfg, code, sources[0], fast=False)
@@ -584,14 +601,15 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     device, note = resolve_device(device_name)
     if note and console:
         console.print(note, highlight=False)
-    data = data_lib.load(data_cfg, model_cfg.tasks)
+    tasks = model_cfg.task_list()
+    data = data_lib.load(data_cfg, tasks)
     _check_geometry(model_cfg, data)
     net = _build(model_cfg, code, run)
     _load_state(net, state, run / runio.MODEL)
     net.to(device)
     norm = norm or {"mean": data.mean, "std": data.std}
     mean, std = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (norm["mean"], norm["std"]))
-    metrics = evaluate(net, data.split(split).to(device), mean=mean, std=std)
+    metrics = evaluate(net, data.split(split).to(device), tasks, mean=mean, std=std)
     try:
         _write_eval_csv(run / "eval.csv", split, metrics)
     except CsnetError as e:

@@ -1,8 +1,13 @@
-"""Training and evaluation loops for any network whose forward returns {task: logits}.
+"""Training and evaluation loops for any network whose forward returns {task: output}.
 
+Each task's loss and metrics come from its kind (``csnet.tasks``); the loop names no kind.
 Loss weighting is kept apart from the architecture: the total loss is the plain
 sum of the task losses, as in the Fashion-MNIST reproduction. A sample with no
-label for a task (label -1) adds nothing to that task's loss or accuracy.
+label for a task adds nothing to that task's loss or metrics.
+
+The best epoch is the one with the highest validation ``score``: the mean over tasks of
+each task's primary metric (all higher-is-better fractions: accuracy, mean AP, R², mIoU,
+δ1), or the one metric ``--select TASK:METRIC`` names.
 """
 
 from __future__ import annotations
@@ -15,16 +20,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from csnet import distributed, runio
-from csnet.data import MISSING_LABEL, Data, Split, batches, shard_size
+from csnet.data import Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
 from csnet.settings import MAX_SEED, from_dict
 from csnet.state import StopRequest, capture_rng, restore_rng
+from csnet.tasks import HIGHER, Task
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -58,6 +63,8 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = True
     compile: bool = False
+    # Model selection: None for the mean of the tasks' primary metrics ("score"), or TASK:METRIC.
+    select: str | None = None
 
     def __post_init__(self):
         finite = math.isfinite
@@ -77,6 +84,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.select is not None and not (isinstance(self.select, str) and self.select.count(":") == 1
+                                            and all(self.select.split(":"))):
+            raise UsageError(f"--select takes TASK:METRIC (e.g. depth:abs_err), got {self.select!r}")
 
     @classmethod
     def from_dict(cls, d: dict, source: str | None = None) -> "TrainConfig":
@@ -161,13 +171,16 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimiz
 
 
 class _Tally:
-    """Per-task sums of loss, correct predictions and labelled samples, kept on the device."""
+    """Per task, the float64 vector its kind sums over batches: loss sum, loss count, then the
+    sums its metrics are computed from. Kept on the device; added over processes under torchrun."""
 
-    def __init__(self, tasks: list[str], device: torch.device):
-        self.sums = {t: torch.zeros(3, device=device) for t in tasks}
+    def __init__(self, tasks: dict[str, Task], device: torch.device):
+        self.tasks = tasks
+        self.sums = {t: torch.zeros(2 + task.stat_size(), dtype=torch.float64, device=device)
+                     for t, task in tasks.items()}
 
-    def add(self, task: str, loss_sum: torch.Tensor, correct: torch.Tensor, n: torch.Tensor) -> None:
-        self.sums[task] += torch.stack([loss_sum.detach(), correct.float(), n.float()])
+    def add(self, task: str, loss_sum: torch.Tensor, n: torch.Tensor, stats: torch.Tensor) -> None:
+        self.sums[task] += torch.cat([loss_sum.detach().double().view(1), n.double().view(1), stats])
 
     def reduce(self) -> "_Tally":
         """Sum every rank's tallies (under torchrun); a no-op on one process."""
@@ -176,21 +189,18 @@ class _Tally:
         return self
 
     def _labelled(self) -> dict[str, dict[str, float]]:
-        """{task: {loss, accuracy}} of the tasks that had labels, in task order."""
-        out = {}
-        for task, s in self.sums.items():
-            loss, correct, n = s.tolist()
-            if n:
-                out[task] = {"loss": loss / n, "accuracy": correct / n}
-        return out
+        """{task: {loss, metrics...}} of the tasks that had labels, in task order."""
+        return {t: self.tasks[t].result(s) for t, s in self.sums.items() if s[1].item()}
 
     def result(self) -> dict[str, dict[str, float]]:
-        """Per task, and their mean over the tasks that had labels. A task without labels has no
-        values (NaN) and no part in the mean; a NaN of a task that had labels makes the mean NaN."""
+        """Per task, and over tasks (``mean``): the mean loss and the score (mean of the primary metrics).
+        A task without labels has no values (NaN) and no part in the mean; a NaN of a task that had
+        labels makes the mean NaN."""
         labelled = self._labelled()
-        out = {t: labelled.get(t, {"loss": math.nan, "accuracy": math.nan}) for t in self.sums}
-        out["mean"] = {key: sum(m[key] for m in labelled.values()) / len(labelled) if labelled else math.nan
-                       for key in ("loss", "accuracy")}
+        out = {t: labelled.get(t) or self.tasks[t].result(s) for t, s in self.sums.items()}
+        primaries = [m[self.tasks[t].primary] for t, m in labelled.items()]
+        out["mean"] = {"loss": sum(m["loss"] for m in labelled.values()) / len(labelled) if labelled else math.nan,
+                       "score": sum(primaries) / len(primaries) if primaries else math.nan}
         return out
 
     def total_loss(self) -> float:
@@ -199,12 +209,19 @@ class _Tally:
         return sum(m["loss"] for m in labelled.values()) if labelled else math.nan
 
 
-def _task_terms(logits: torch.Tensor, y: torch.Tensor):
-    """Summed loss, correct count and labelled count of one task in one batch, ignoring missing labels."""
-    loss_sum = F.cross_entropy(logits, y, reduction="sum", ignore_index=MISSING_LABEL)
-    labelled = y != MISSING_LABEL
-    correct = ((logits.argmax(1) == y) & labelled).sum()
-    return loss_sum, correct, labelled.sum()
+def selection(cfg: TrainConfig, tasks: dict[str, Task]):
+    """(name, value of a validation result to maximise): the score, or --select's metric (negated when
+    lower is better)."""
+    if cfg.select is None:
+        return "val score", lambda val: val["mean"]["score"]
+    task, metric = cfg.select.split(":")
+    if task not in tasks:
+        raise UsageError(f"--select {cfg.select}: no task {task} in this run (tasks: {', '.join(tasks)})")
+    directions = tasks[task].metrics
+    if metric not in directions:
+        raise UsageError(f"--select {cfg.select}: a {tasks[task].kind} task has the metrics {', '.join(directions)}")
+    sign = 1.0 if directions[metric] == HIGHER else -1.0
+    return f"val {task} {metric}", lambda val: sign * val[task][metric]
 
 
 def make_forward(net: CrossStitchNet, cfg: TrainConfig, device: torch.device):
@@ -258,25 +275,26 @@ def eval_batch_size(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def evaluate(net: CrossStitchNet, split: Split, *, mean: float, std: float, batch_size: int | None = None,
-             forward=None):
-    """Per-task loss and accuracy on a split, plus their mean over tasks (task ``mean``)."""
+def evaluate(net: CrossStitchNet, split: Split, tasks: dict[str, Task], *, mean: float, std: float,
+             batch_size: int | None = None, forward=None):
+    """Per-task loss and metrics on a split, plus the mean loss and score over tasks (task ``mean``)."""
     net.eval()
     forward = forward or net
     device = split.images.device
     batch_size = batch_size or eval_batch_size(device)
-    tally = _Tally(net.tasks, device)
+    tally = _Tally(tasks, device)
     w = distributed.world()
     if w.active:  # every rank evaluates every size-th sample; no sample is left out or counted twice
         split = Split(split.images[w.rank::w.size], {t: y[w.rank::w.size] for t, y in split.labels.items()})
     for x, labels in batches(split, batch_size, mean=mean, std=std):
-        for task, logits in forward(x).items():
-            tally.add(task, *_task_terms(logits, labels[task]))
+        for task, out in forward(x).items():
+            tally.add(task, *tasks[task].terms(out, labels[task]))
     return tally.reduce().result()
 
 
-def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, epoch: int, reporter: Reporter,
-                stop: StopRequest, start_step: int = 0, tally: _Tally | None = None, forward=None):
+def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, gen: torch.Generator, epoch: int,
+                reporter: Reporter, stop: StopRequest, start_step: int = 0, tally: _Tally | None = None,
+                forward=None):
     """One pass over the training set, from batch ``start_step`` on (a resumed epoch skips the batches done).
 
     Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
@@ -284,16 +302,16 @@ def train_epoch(net, data: Data, opt, cfg: TrainConfig, gen: torch.Generator, ep
     set_train_mode(net, cfg)
     forward = forward or net
     device = data.train.images.device
-    tally = tally or _Tally(net.tasks, device)
+    tally = tally or _Tally(tasks, device)
     step = start_step
     w = distributed.world()
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
                              start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
         loss = 0.0
-        for task, logits in forward(x).items():
-            loss_sum, correct, n = _task_terms(logits, labels[task])
-            tally.add(task, loss_sum, correct, n)
+        for task, out in forward(x).items():
+            loss_sum, n, stats = tasks[task].terms(out, labels[task])
+            tally.add(task, loss_sum, n, stats)
             loss = loss + loss_sum / n.clamp_min(1)
         # decided by all ranks together: one rank stopping alone would leave the others in a collective
         if distributed.any_(not bool(torch.isfinite(loss)), device):
@@ -323,12 +341,13 @@ class Interrupted(CsnetError):
     label = "interrupted"
 
 
-def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, speed: float) -> str:
-    accs = " ".join(f"{t} {m['accuracy']:.4f}" for t, m in val.items() if t != "mean")
+def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, speed: float,
+                tasks: dict[str, Task]) -> str:
+    primaries = " ".join(f"{t} {task.primary} {val[t][task.primary]:.4f}" for t, task in tasks.items())
     return (
         f"epoch {epoch}/{epochs}  train loss {train['total']['loss']:.4f}  "
-        f"val acc {accs} (mean {val['mean']['accuracy']:.4f})  "
-        f"test mean {test['mean']['accuracy']:.4f}  {speed:,.0f} ex/s"
+        f"val {primaries} (score {val['mean']['score']:.4f})  "
+        f"test score {test['mean']['score']:.4f}  {speed:,.0f} ex/s"
     )
 
 
@@ -383,13 +402,15 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         device: torch.device, reporter: Reporter, resume: dict | None = None) -> dict:
     """Train until ``cfg.epochs``; after each epoch evaluate val and test, append metrics, save checkpoints.
 
-    ``model.pt`` holds the weights of the best epoch by mean validation accuracy;
+    ``model.pt`` holds the weights of the best epoch by validation score (or ``cfg.select``);
     ``last.pt`` the whole training state: after each epoch, or after the batch at
     which SIGINT/SIGTERM arrived. ``resume`` is such a last.pt, whose weights the
     caller has already loaded into ``net``.
     """
     w = distributed.world()
     main = w.is_main  # under torchrun only rank 0 writes the run folder
+    tasks = model_cfg.task_list()
+    selected, chosen = selection(cfg, tasks)
     net.to(device)
     data = data.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)  # the same batch order on every rank, cut into shards
@@ -403,7 +424,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         forward = make_forward(ddp, cfg, device)
     sched = make_scheduler(opt, cfg)
-    best = {"epoch": 0, "val_accuracy": -math.inf}
+    best = {"epoch": 0, "val_score": -math.inf}
     epoch, step, tally = 1, 0, None
     if resume is not None:
         try:
@@ -415,9 +436,9 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             restore_rng(by_rank[w.rank] if len(by_rank) == w.size else resume["rng"], gen)
             saved_tally = resume.get("tally")
             if saved_tally is not None and not (
-                    isinstance(saved_tally, dict) and set(saved_tally) == set(net.tasks)
-                    and all(isinstance(v, torch.Tensor) and v.shape == (3,) and v.dtype == torch.float32
-                            for v in saved_tally.values())):
+                    isinstance(saved_tally, dict) and set(saved_tally) == set(tasks)
+                    and all(isinstance(v, torch.Tensor) and v.shape == (2 + tasks[t].stat_size(),)
+                            and v.dtype == torch.float64 for t, v in saved_tally.items())):
                 raise ValueError("the tally of the interrupted epoch does not fit the tasks")
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise CsnetError(f"{run / runio.LAST}: its optimizer, schedule or RNG state does not fit this run "
@@ -426,7 +447,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             torch.manual_seed((cfg.seed + 1_000_003 * w.rank + 7_919 * resume["position"]["epoch"]) % MAX_SEED)
         epoch, step, best = resume["position"]["epoch"], resume["position"]["step"], resume["best"]
         if resume.get("tally") is not None and main:  # the sum over all ranks; the others start at zero
-            tally = _Tally(net.tasks, device)
+            tally = _Tally(tasks, device)
             tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
     elif w.rank:
         torch.manual_seed((cfg.seed + 1_000_003 * w.rank) % MAX_SEED)  # dropout masks differ between ranks
@@ -465,8 +486,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 resumed_at = step
                 t0 = time.perf_counter()
                 try:
-                    train, step, tally = train_epoch(net, data, opt, cfg, gen, epoch, reporter, stop, step, tally,
-                                                     forward)
+                    train, step, tally = train_epoch(net, data, tasks, opt, cfg, gen, epoch, reporter, stop, step,
+                                                     tally, forward)
                 except NonFiniteLoss as e:
                     kept = (f"the last good checkpoint, {run / runio.LAST}, is kept"
                             if (run / runio.LAST).exists() else "no checkpoint was written")
@@ -480,8 +501,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 done = (per_rank - min(per_rank, resumed_at * cfg.batch_size)) * w.size
                 train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
                 distributed.broadcast_buffers(net)  # rank 0's batch-norm statistics: the ones model.pt keeps
-                val = evaluate(net, data.val, mean=data.mean, std=data.std, forward=eval_forward)
-                test = evaluate(net, data.test, mean=data.mean, std=data.std, forward=eval_forward)
+                val = evaluate(net, data.val, tasks, mean=data.mean, std=data.std, forward=eval_forward)
+                test = evaluate(net, data.test, tasks, mean=data.mean, std=data.std, forward=eval_forward)
                 if main:
                     for split, values in (("train", train), ("val", val), ("test", test)):
                         writer.write(epoch, split, values)
@@ -489,17 +510,17 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                     alphas.rows(alpha_rows(net, epoch))
                 if sched is not None:
                     sched.step()
-                if val["mean"]["accuracy"] > best["val_accuracy"]:
-                    best = {"epoch": epoch, "val_accuracy": val["mean"]["accuracy"]}
+                if chosen(val) > best["val_score"]:
+                    best = {"epoch": epoch, "val_score": chosen(val), "selected_by": selected}
                     if main:
                         runio.save_checkpoint(run / runio.MODEL, {
-                            **network(), "epoch": epoch, "val_accuracy": best["val_accuracy"]})
+                            **network(), "epoch": epoch, "val_score": best["val_score"]})
                 checkpoint({"epoch": epoch + 1, "step": 0}, gen.get_state(), None)
                 # the whole epoch: training, evaluation, metrics and checkpoints (the benchmark compares
                 # it with the training steps' "seconds")
                 if main:
                     writer.write(epoch, "train", {"all": {"epoch_seconds": time.perf_counter() - t0}})
-                reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"]))
+                reporter.epoch(_epoch_line(epoch, cfg.epochs, train, val, test, train["all"]["examples_per_s"], tasks))
                 epoch, step, tally = epoch + 1, 0, None
                 if distributed.any_(stop.requested is not None, device) and epoch <= cfg.epochs:
                     raise Interrupted(f"by {stop.requested or 'a signal to another rank'} after epoch {epoch - 1}; "

@@ -57,16 +57,24 @@ def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
     m = pd.read_csv(run / "metrics.csv")
     assert list(m.columns) == ["epoch", "split", "task", "metric", "value"]
     assert sorted(m.epoch.unique()) == [1, 2]
-    acc = m[m.metric == "accuracy"]
+    acc = m[m.metric.isin(["accuracy", "macro_f1", "score"])]
     assert set(acc.split) == {"train", "val", "test"} and set(acc.task) == {"fine", "coarse", "mean"}
+    assert set(m[m.task == "fine"].metric) == {"loss", "accuracy", "macro_f1"}
+    assert set(m[m.task == "mean"].metric) == {"loss", "score"}
     assert acc.value.between(0, 1).all()
+    # the score is the mean of the tasks' primary metrics, here their accuracies
+    per_epoch = m[(m.split == "val") & (m.metric.isin(["accuracy", "score"]))].pivot(index="epoch", columns="task",
+                                                                                       values="value")
+    assert (per_epoch["mean"] - (per_epoch.fine + per_epoch.coarse) / 2).abs().max() < 1e-5
     # the synthetic classes are easy: two epochs must learn them (a broken pipeline stays near chance)
-    assert acc[(acc.split == "test") & (acc.epoch == 2) & (acc.task == "fine")].value.item() > 0.5
+    assert acc[(acc.split == "test") & (acc.epoch == 2) & (acc.task == "fine") & (acc.metric == "accuracy")].value.item() > 0.5
     assert (m[(m.metric == "examples_per_s")].value > 0).all()
-    for name in ("model.pt", "last.pt", "plots/test_accuracy.png", "plots/train_loss.png"):
+    for name in ("model.pt", "last.pt", "plots/test_metrics.png", "plots/train_loss.png"):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "model.pt", weights_only=True, map_location="cpu")
     assert list(ckpt["model_config"]["tasks"]) == ["fine", "coarse"]
+    assert config["tasks"]["fine"] == {"kind": "classification", "primary": "accuracy", "delta": ["accuracy"],
+                                       "metrics": {"accuracy": "higher", "macro_f1": "higher"}}
 
 
 def copy_run(run, dest):
@@ -95,8 +103,8 @@ def test_eval_prints_a_table_and_keeps_other_splits(pipeline, shared_data_root, 
     assert set(e.split) == {"test", "val"}
     m = pd.read_csv(pipeline / "cs" / "metrics.csv")
     best = torch.load(pipeline / "cs" / "model.pt", weights_only=True, map_location="cpu")["epoch"]
-    want = m[(m.epoch == best) & (m.split == "test") & (m.task == "mean") & (m.metric == "accuracy")].value.item()
-    got = e[(e.split == "test") & (e.task == "mean") & (e.metric == "accuracy")].value.item()
+    want = m[(m.epoch == best) & (m.split == "test") & (m.task == "mean") & (m.metric == "score")].value.item()
+    got = e[(e.split == "test") & (e.task == "mean") & (e.metric == "score")].value.item()
     assert got == pytest.approx(want, abs=1e-6)
 
 
@@ -109,16 +117,16 @@ def test_compare_table_and_plots(pipeline, cli, tmp_path, n_runs):
     assert list(table.run) == [r.name for r in runs]
     assert table.diff_mean_pp.iloc[0] == 0
     m = pd.read_csv(pipeline / "cs" / "metrics.csv")
-    val = m[(m.split == "val") & (m.task == "mean") & (m.metric == "accuracy")].set_index("epoch").value
+    val = m[(m.split == "val") & (m.task == "mean") & (m.metric == "score")].set_index("epoch").value
     best = int(val.idxmax())
     row = table.set_index("run").loc["cs"]
     assert row.best_epoch == best
-    test_mean = m[(m.split == "test") & (m.task == "mean") & (m.metric == "accuracy") & (m.epoch == best)].value.item()
+    test_mean = m[(m.split == "test") & (m.task == "mean") & (m.metric == "score") & (m.epoch == best)].value.item()
     assert row.test_mean == pytest.approx(test_mean)
     assert row.diff_mean_pp == pytest.approx((test_mean - table.test_mean.iloc[0]) * 100)
     if n_runs == 3:  # a single-task run has no coarse column
         assert pd.isna(table.set_index("run").loc["pre-fine", "test_coarse"])
-    for png in ("test_accuracy.png", "train_loss.png"):
+    for png in ("test_metrics.png", "train_loss.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 1000
 
 
@@ -165,7 +173,7 @@ def test_truncated_idx_file(cli, data_root):
     (["train", "--dataset", "cifar"], 2, "unknown dataset 'cifar'; valid: fashion"),
     (["train", "--tasks", "fine,color"], 2, "unknown task 'color' for fashion; valid: fine, coarse"),
     (["pretrain", "--task", "color"], 2, "unknown task 'color'"),
-    (["train", "--backbone", "resnet9"], 2, "unknown backbone 'resnet9'; valid: convnet, mlp, resnet18"),
+    (["train", "--backbone", "resnet9"], 2, "unknown backbone 'resnet9'; valid: convnet, fcn, mlp, resnet18"),
     (["train", "--stitch", "middle"], 2, "valid: none, all, after-pool, after-fc, or stage names pool1, pool2, fc"),
     (["train", "--epochs", "0"], 2, "--epochs"),
     (["train", "--batch-size", "0"], 2, "--batch-size"),

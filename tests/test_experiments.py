@@ -13,7 +13,7 @@ from csnet import ModelConfig, build_network
 from csnet.compare import delta_m, interval, paired
 from csnet.data import MISSING_LABEL, DataConfig, load
 from csnet.models.network import count_macs
-from csnet.train import _task_terms
+from csnet.tasks import Classification
 
 QUICK = ["--val-size", "100", "--train-size", "300", "--test-size", "100", "--batch-size", "64", "--quiet"]
 
@@ -42,26 +42,47 @@ def test_paired_difference_and_p_value_by_hand():
     assert p == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))))
 
 
+ACC = {"kind": "classification", "primary": "accuracy", "metrics": {"accuracy": "higher"}, "delta": ["accuracy"]}
+
+
 def test_delta_m_sign_and_scale():
-    refs = {"fine": 0.8, "coarse": 0.5}
-    assert delta_m({"fine": 0.9, "coarse": 0.5}, refs) == pytest.approx(6.25)      # (+12.5% + 0%) / 2
-    assert delta_m({"fine": 0.72, "coarse": 0.45}, refs) == pytest.approx(-10.0)   # (-10% - 10%) / 2
-    assert delta_m({"fine": 0.8, "coarse": 0.5}, refs) == 0
-    assert delta_m({"fine": 0.9, "body": 0.3}, refs) == pytest.approx(12.5)        # only tasks with a reference
+    refs = {("fine", "accuracy"): 0.8, ("coarse", "accuracy"): 0.5}
+    tasks = {"fine": ACC, "coarse": ACC}
+    acc = lambda **v: {(t, "accuracy"): x for t, x in v.items()}  # noqa: E731
+    assert delta_m(acc(fine=0.9, coarse=0.5), refs, tasks) == pytest.approx(6.25)      # (+12.5% + 0%) / 2
+    assert delta_m(acc(fine=0.72, coarse=0.45), refs, tasks) == pytest.approx(-10.0)   # (-10% - 10%) / 2
+    assert delta_m(acc(fine=0.8, coarse=0.5), refs, tasks) == 0
+    assert delta_m(acc(fine=0.9, body=0.3), refs, {"fine": ACC, "body": ACC}) == pytest.approx(12.5)  # only with a ref
+
+
+def test_delta_m_flips_the_sign_of_lower_is_better_metrics():
+    depth = {"kind": "depth", "primary": "delta1", "delta": ["abs_err", "abs_rel"],
+             "metrics": {"abs_err": "lower", "rmse": "lower", "abs_rel": "lower", "delta1": "higher"}}
+    seg = {"kind": "segmentation", "primary": "miou", "delta": ["miou"], "metrics": {"miou": "higher"}}
+    refs = {("depth", "abs_err"): 0.50, ("depth", "abs_rel"): 0.20, ("depth", "rmse"): 9.0, ("seg", "miou"): 0.40}
+    # depth: abs_err 0.40 is 20% better, abs_rel 0.22 is 10% worse -> (+20 - 10) / 2 = +5;
+    # seg: mIoU 0.30 is 25% worse -> -25; Δm = (5 - 25) / 2 = -10 (rmse is not a Δm metric here)
+    got = delta_m({("depth", "abs_err"): 0.40, ("depth", "abs_rel"): 0.22, ("depth", "rmse"): 1.0,
+                   ("seg", "miou"): 0.30}, refs, {"depth": depth, "seg": seg})
+    assert got == pytest.approx(-10.0)
+    # a lower error alone must raise Δm: the sign flip, not the raw relative change
+    assert delta_m({("depth", "abs_err"): 0.25, ("depth", "abs_rel"): 0.10}, refs, {"depth": depth}) == \
+        pytest.approx(50.0)
 
 
 # ---------------------------------------------------------------- missing labels
 
 
 def test_a_task_without_labels_in_a_batch_adds_zero_loss_and_no_nan():
+    task = Classification("t", 3)
     logits = torch.randn(4, 3, requires_grad=True)
-    loss_sum, correct, n = _task_terms(logits, torch.full((4,), MISSING_LABEL))
-    assert loss_sum.item() == 0 and correct.item() == 0 and n.item() == 0
+    loss_sum, n, stats = task.terms(logits, torch.full((4,), MISSING_LABEL))
+    assert loss_sum.item() == 0 and n.item() == 0 and stats.sum().item() == 0
     loss = loss_sum / n.clamp_min(1)
     loss.backward()
     assert torch.isfinite(loss) and torch.all(logits.grad == 0)
     some = torch.tensor([2, MISSING_LABEL, 0, MISSING_LABEL])
-    loss_sum, correct, n = _task_terms(logits.detach(), some)
+    loss_sum, n, _ = task.terms(logits.detach(), some)
     want = torch.nn.functional.cross_entropy(logits.detach()[[0, 2]], some[[0, 2]], reduction="sum")
     assert n.item() == 2 and loss_sum.item() == pytest.approx(want.item())
 
@@ -148,7 +169,7 @@ def test_seeds_compare_with_intervals_p_values_and_delta_m(cli, data_root, tmp_p
     ref_fine = pd.read_csv(tmp_path / "pre-fine" / "summary.csv").set_index("task").loc["fine", "mean"]
     assert cs.delta_m == pytest.approx(100 * (cs.test_fine - ref_fine) / ref_fine, rel=1e-4)  # coarse: no reference
     report = (tmp_path / "cmp" / "REPORT.md").read_text()
-    assert "| run | seeds | params |" in report and "![test_accuracy](test_accuracy.png)" in report
+    assert "| run | seeds | params |" in report and "![test_metrics](test_metrics.png)" in report
     assert "![alpha](alpha.png)" in report and (tmp_path / "cmp" / "alpha.png").is_file()
 
 

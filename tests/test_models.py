@@ -70,7 +70,7 @@ def test_gradients_reach_every_unit_weight_through_the_network():
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; valid: convnet, mlp, resnet18, resnet34, resnet50, vgg11"),
+    ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; valid: convnet, fcn, mlp, resnet18, resnet34, resnet50, vgg11"),
     ({"stitch": "middle"}, "unknown stitch point(s) middle for convnet; valid: none, all, after-pool, after-fc, "
                            "or stage names pool1, pool2, fc"),
     ({"backbone": "mlp", "stitch": "after-pool"}, "valid: none, after-fc, all"),

@@ -183,7 +183,7 @@ def test_a_run_stopped_after_its_last_epoch_gets_its_closing_files(cli, root, tm
     (run / "alpha_final.csv").unlink()
     code, out, err = cli("train", "--resume", run)
     assert code == 0 and "closing files" in out, err
-    assert (run / "alpha_final.csv").read_text() == want and (run / "plots" / "test_accuracy.png").is_file()
+    assert (run / "alpha_final.csv").read_text() == want and (run / "plots" / "test_metrics.png").is_file()
     one_line(cli("train", "--resume", run), 2, "has finished its 1 epochs")
 
 
@@ -311,16 +311,20 @@ def test_non_finite_csv_features_name_the_row_and_column(cli, tmp_path):
 
 
 def test_the_mean_is_never_taken_over_values_it_dropped():
+    from csnet.tasks import Classification
     from csnet.train import _Tally
 
-    tally = _Tally(["a", "b", "c"], torch.device("cpu"))
-    tally.add("a", torch.tensor(2.0), torch.tensor(3), torch.tensor(4))
-    tally.add("b", torch.tensor(float("nan")), torch.tensor(1), torch.tensor(2))
+    tasks = {t: Classification(t, 2) for t in "abc"}
+    tally = _Tally(tasks, torch.device("cpu"))
+    # a: loss 2 over 4 samples, 3 right (class 0: 3 of 3 predicted right, class 1: none of 1)
+    tally.add("a", torch.tensor(2.0), torch.tensor(4), torch.tensor([3.0, 3, 0, 3, 0, 3, 1], dtype=torch.float64))
+    tally.add("b", torch.tensor(float("nan")), torch.tensor(2), torch.tensor([1.0, 1, 0, 1, 1, 1, 1],
+                                                                             dtype=torch.float64))
     result = tally.result()  # c has no labels: no values and no part in the mean
-    assert result["a"] == {"loss": 0.5, "accuracy": 0.75}
+    assert result["a"]["loss"] == 0.5 and result["a"]["accuracy"] == 0.75
     assert torch.isnan(torch.tensor(result["c"]["loss"])) and torch.isnan(torch.tensor(result["mean"]["loss"]))
-    assert result["mean"]["accuracy"] == pytest.approx((0.75 + 0.5) / 2)
-    tally.sums["b"] = torch.tensor([1.0, 1.0, 2.0])
+    assert result["mean"]["score"] == pytest.approx((0.75 + 0.5) / 2)
+    tally.sums["b"][0] = 1.0
     assert tally.result()["mean"]["loss"] == pytest.approx((0.5 + 0.5) / 2) and tally.total_loss() == 1.0
 
 
@@ -468,7 +472,7 @@ def test_help_shows_every_bracketed_part():
     done = subprocess.run([sys.executable, "-m", "csnet", "train", "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "400"})
     text = " ".join(done.stdout.split())
-    for part in ("fashion, mnist, mnist+fashion", "convnet, mlp, resnet18", "(nn.Module, [stitch point names])",
+    for part in ("fashion, mnist, mnist+fashion", "convnet, fcn, mlp, resnet18", "(nn.Module, [stitch point names])",
                  "Initial same-task unit weight [default: 0.9]", "[default: 0.2, keep 0.8]", "[default: all]",
                  "after-pool", "after-fc"):
         assert part in text, part

@@ -5,6 +5,8 @@
   notebook of CONTEXT.md); the head is the column's own avgpool -> flatten -> fc.
 - torchvision VGGs: ``features`` cut after each max-pool (``pool1``..``pool5``); the head
   is avgpool -> flatten -> classifier.
+- torchvision FCN / DeepLabV3 segmentation models: the ResNet stages, then the classifier
+  upsampled to the input's size (a dense column).
 - ``nn.Sequential`` and a user's own module: its top-level children in order, the last
   one the head. The module's forward must be exactly that sequence (like nn.Sequential).
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -70,8 +73,8 @@ def _channels(stages: dict[str, nn.Module]) -> dict[str, int]:
     return channels
 
 
-def _column(stages: dict[str, nn.Module], head: nn.Module, points: list[str]) -> Column:
-    column = Column(stages, head, _channels(stages))
+def _column(stages: dict[str, nn.Module], head: nn.Module, points: list[str], skip: str | None = None) -> Column:
+    column = Column(stages, head, _channels(stages), skip)
     column.default_points = list(points)
     return column
 
@@ -80,7 +83,9 @@ def resnet_column(model: torchvision.models.ResNet, adapter: nn.Module | None = 
     stem = [adapter] if adapter is not None else []
     stages = {"stem": nn.Sequential(*stem, model.conv1, model.bn1, model.relu, model.maxpool)}
     stages.update({f"layer{k}": getattr(model, f"layer{k}") for k in range(1, 5)})
-    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.fc), ["layer1", "layer2", "layer3", "layer4"])
+    # a dense head fuses layer1 (a quarter of the input's size), as FCN fuses an early stage
+    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.fc), ["layer1", "layer2", "layer3", "layer4"],
+                   skip="layer1")
 
 
 def vgg_column(model: torchvision.models.VGG, adapter: nn.Module | None = None) -> Column:
@@ -92,7 +97,34 @@ def vgg_column(model: torchvision.models.VGG, adapter: nn.Module | None = None) 
             current = []
     if current:  # layers after the last pool belong to the last stage
         stages[list(stages)[-1]] = nn.Sequential(*stages[list(stages)[-1]], *current)
-    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier), list(stages))
+    return _column(stages, nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier), list(stages),
+                   skip="pool2" if "pool2" in stages else None)
+
+
+class ToInputSize(nn.Module):
+    """A segmentation model's classifier followed by bilinear upsampling to the input's size, as
+    torchvision's FCN and DeepLabV3 do in their forward."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, h, x):
+        return F.interpolate(self.classifier(h), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+SEGMENTATION_MODELS = (torchvision.models.segmentation.FCN, torchvision.models.segmentation.DeepLabV3)
+
+
+def segmentation_column(model: nn.Module) -> Column:
+    """torchvision's FCN or DeepLabV3 (a ResNet backbone): stem, layer1..layer4, then the classifier at
+    the input's size. Its auxiliary classifier, if any, is left out: a column has one output."""
+    parts = dict(model.backbone.named_children())
+    stages = {"stem": nn.Sequential(parts["conv1"], parts["bn1"], parts["relu"], parts["maxpool"])}
+    stages.update({f"layer{k}": parts[f"layer{k}"] for k in range(1, 5) if f"layer{k}" in parts})
+    column = _column(stages, ToInputSize(model.classifier), [n for n in stages if n != "stem"])
+    column.taps = ("input",)
+    return column
 
 
 def sequential_column(module: nn.Module, points: list[str] | None = None) -> Column:
@@ -116,6 +148,8 @@ def as_column(module: nn.Module, points: list[str] | None = None) -> Column:
         column = resnet_column(module)
     elif isinstance(module, torchvision.models.VGG):
         column = vgg_column(module)
+    elif isinstance(module, SEGMENTATION_MODELS):
+        column = segmentation_column(module)
     else:
         column = sequential_column(module, points)
     if points is not None:

@@ -3,7 +3,9 @@
 ``convnet`` is the Fashion-MNIST column of the TensorFlow reproduction in CONTEXT.md
 (conv3x3 32 -> pool -> conv3x3 64 -> pool -> fc 1024 -> output, batch norm, dropout
 with keep probability 0.8, He init). ``mlp`` is the column of the two-domain
-notebook ([60, 20] hidden units, then the output layer).
+notebook ([60, 20] hidden units, then the output layer). ``fcn`` is the convnet made
+fully convolutional (a third conv block in place of the fc layer), so every stage keeps
+its spatial layout and per-pixel tasks can be decoded from it with ``DenseHead``.
 """
 
 from __future__ import annotations
@@ -11,26 +13,56 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class Column(nn.Module):
-    """A network for one task: ``stages`` run in order, then ``head`` maps the last one to logits.
+    """A network for one task: ``stages`` run in order, then ``head`` maps the last one to the output.
 
     ``channels[name]`` is the number of channels (conv) or features (fc) a stage
-    outputs: what a cross-stitch unit placed after it has to mix.
+    outputs: what a cross-stitch unit placed after it has to mix. ``taps`` names what
+    the head takes besides the last stage's output: earlier stages' outputs, or
+    ``"input"`` (a dense head's skip connection and output size); usually nothing.
+    ``skip`` is the stage a dense decoder fuses (None: the column has no spatial stages).
     """
 
-    def __init__(self, stages: dict[str, nn.Module], head: nn.Module, channels: dict[str, int]):
+    def __init__(self, stages: dict[str, nn.Module], head: nn.Module, channels: dict[str, int],
+                 skip: str | None = None):
         super().__init__()
         self.stages = nn.ModuleDict(stages)
         self.head = head
         self.channels = dict(channels)
+        self.skip = skip
+        self.taps: tuple[str, ...] = ()
 
     def forward(self, x):
-        for stage in self.stages.values():
+        kept = {"input": x}
+        for name, stage in self.stages.items():
             x = stage(x)
-        return self.head(x)
+            kept[name] = x
+        return self.head(x, *[kept[t] for t in self.taps])
+
+
+class DenseHead(nn.Module):
+    """A per-pixel head in the manner of FCN (Long, Shelhamer and Darrell, CVPR 2015): the last stage,
+    reduced by a 1x1 conv, upsampled to the skip stage's resolution and added to it (also through a
+    1x1 conv), one 3x3 conv, a 1x1 conv to the task's outputs, then bilinear upsampling to the
+    input's size. Units stay after the column's stages; this only reads their outputs."""
+
+    def __init__(self, channels: int, skip_channels: int, out: int, width: int = 32):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.lateral = nn.Sequential(nn.Conv2d(skip_channels, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.fuse = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.classify = nn.Conv2d(width, out, 1)
+        self.output: nn.Module = nn.Identity()  # a task's Destandardize, when it has one
+
+    def forward(self, h, skip, x):
+        y = F.interpolate(self.reduce(h), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.classify(self.fuse(y + self.lateral(skip)))
+        return self.output(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False))
 
 
 # SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) as signed 64-bit constants: torch's int64 ops wrap
@@ -96,6 +128,16 @@ def _he_init(column: Column) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    # Pool before ReLU: max-pooling commutes with the (monotone) ReLU, so the output is the same
+    # and the ReLU touches a quarter of the values; on the CPU this was the stage's costliest part.
+    layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
 def convnet(
     num_classes: int,
     *,
@@ -108,24 +150,40 @@ def convnet(
 ) -> Column:
     """Stages ``pool1``, ``pool2`` and ``fc``: the three places the reproduction stitches."""
 
-    def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-        layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(c_out))
-        # Pool before ReLU: max-pooling commutes with the (monotone) ReLU, so the output is the same
-        # and the ReLU touches a quarter of the values; on the CPU this was the stage's costliest part.
-        layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers)
-
     side = image_size // 4
     column = Column(
         stages={
-            "pool1": conv_block(in_channels, widths[0]),
-            "pool2": conv_block(widths[0], widths[1]),
+            "pool1": _conv_block(in_channels, widths[0], batch_norm),
+            "pool2": _conv_block(widths[0], widths[1], batch_norm),
             "fc": nn.Sequential(nn.Flatten(), nn.Linear(widths[1] * side * side, fc_width), nn.ReLU(inplace=True)),
         },
         head=nn.Sequential(Dropout(dropout), nn.Linear(fc_width, num_classes)),
         channels={"pool1": widths[0], "pool2": widths[1], "fc": fc_width},
+    )
+    _he_init(column)
+    return column
+
+
+def fcn(
+    num_classes: int,
+    *,
+    in_channels: int = 1,
+    image_size: int = 64,
+    batch_norm: bool = True,
+    dropout: float = 0.2,
+    widths: tuple[int, int, int] = (32, 64, 128),
+) -> Column:
+    """Stages ``pool1``, ``pool2``, ``pool3``: the convnet's conv blocks with a third in place of its fc
+    layer. A vector head pools globally (as ResNet's does); a dense head fuses ``pool1``."""
+    blocks, c_in = {}, in_channels
+    for k, width in enumerate(widths, start=1):
+        blocks[f"pool{k}"] = _conv_block(c_in, width, batch_norm)
+        c_in = width
+    column = Column(
+        stages=blocks,
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), Dropout(dropout), nn.Linear(c_in, num_classes)),
+        channels={f"pool{k}": w for k, w in enumerate(widths, start=1)},
+        skip="pool1",
     )
     _he_init(column)
     return column

@@ -7,20 +7,22 @@ reproduction: columns side by side, trained on the sum of the task losses.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from csnet import tasks as tasks_lib
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
 from csnet.models.backbones import TORCHVISION, as_column, custom_column, is_custom, torchvision_column
-from csnet.models.columns import Column
+from csnet.models.columns import Column, DenseHead
 from csnet.models.unit import INITS, MODES, CrossStitchUnit
 
-BACKBONES = ("convnet", "mlp", *TORCHVISION)
+BACKBONES = ("convnet", "fcn", "mlp", *TORCHVISION)
 ARCHS = ("cross-stitch", "shared")
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_SIZE = 2 ** 31 - 1  # torch's kernels index a dimension with 32-bit integers in places
@@ -29,6 +31,7 @@ MAX_SIZE = 2 ** 31 - 1  # torch's kernels index a dimension with 32-bit integers
 ALIASES = {
     "convnet": {"after-pool": ["pool1", "pool2"], "after-fc": ["fc"]},
     "mlp": {"after-fc": None},  # None: the column's default points, after every hidden layer
+    "fcn": {"after-pool": None},
 }
 
 
@@ -38,10 +41,15 @@ class ModelConfig:
 
     ``stitch``: ``none``, ``all`` (the backbone's default points), a named placement
     (``after-pool``, ``after-fc``), or a comma-separated list of stage names.
+    ``num_classes``: each task's number of outputs (classes, labels, or values);
+    ``kinds``: each task's kind (``csnet.tasks``; empty: all classification);
+    ``target_stats``: per task, (mean, std) per output of a standardized kind, else None.
     """
 
     tasks: tuple[str, ...]
     num_classes: tuple[int, ...]
+    kinds: tuple[str, ...] = ()
+    target_stats: tuple[typing.Any, ...] = ()
     backbone: str = "convnet"
     arch: str = "cross-stitch"  # or "shared": hard parameter sharing up to share_until, then a branch per task
     share_until: str | None = None
@@ -59,8 +67,9 @@ class ModelConfig:
 
     def __post_init__(self):
         # JSON and checkpoints give lists back; keep tuples so configs compare and hash.
-        for name in ("tasks", "num_classes", "hidden"):
+        for name in ("tasks", "num_classes", "hidden", "kinds", "target_stats"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._check_tasks()
         if self.backbone not in BACKBONES and not is_custom(self.backbone):
             raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
                              "or module.path:function for your own")
@@ -95,6 +104,49 @@ class ModelConfig:
             raise UsageError(f"tasks {list(self.tasks)} must be distinct, one per column")
         if self.stitch != "none" and len(self.tasks) < 2:
             raise UsageError("cross-stitch units need at least two tasks; use --stitch none for one task")
+
+    def _check_tasks(self) -> None:
+        n = len(self.tasks)
+        if len(self.kinds) not in (0, n) or len(self.target_stats) not in (0, n):
+            raise UsageError(f"the model config names {n} tasks but {len(self.kinds)} kinds and "
+                             f"{len(self.target_stats)} target statistics")
+        stats = []
+        for task, size, spec, st in zip(self.tasks, self.num_classes, self.kinds or ("classification",) * n,
+                                        self.target_stats or (None,) * n):
+            cls = tasks_lib.kind_of(spec) if isinstance(spec, str) else None
+            if cls is None:
+                raise UsageError(f"task {task}: its kind should be a name, found {spec!r}")
+            if cls.dense and (self.backbone in ("convnet", "mlp") or self.in_features):
+                raise UsageError(f"task {task} is per-pixel ({cls.kind}), and --backbone {self.backbone} has no "
+                                 "spatial stages to decode it from: use --backbone fcn (or resnet18, vgg11)")
+            if st is not None:
+                ok = isinstance(st, (list, tuple)) and len(st) == 2 and all(
+                    isinstance(v, (list, tuple)) and len(v) == size
+                    and all(isinstance(x, (int, float)) and math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in v)
+                    for v in st)
+                if not ok or min(st[1]) <= 0:
+                    raise UsageError(f"task {task}: target statistics should be a finite mean and a positive std "
+                                     f"for each of its {size} outputs")
+                st = (tuple(float(x) for x in st[0]), tuple(float(x) for x in st[1]))
+            stats.append(st)
+        if self.target_stats:
+            object.__setattr__(self, "target_stats", tuple(stats))
+
+    def task_list(self) -> dict[str, tasks_lib.Task]:
+        """The tasks as objects that carry their loss and metrics."""
+        n = len(self.tasks)
+        return {t: tasks_lib.make(t, k, size, st) for t, size, k, st in zip(
+            self.tasks, self.num_classes, self.kinds or ("classification",) * n, self.target_stats or (None,) * n)}
+
+    def needs_stats(self) -> bool:
+        """A standardized task (regression, depth) whose training statistics are not known yet."""
+        return any(t.standardized and t.stats is None for t in self.task_list().values())
+
+    def with_stats(self, stats: dict[str, tuple]) -> "ModelConfig":
+        """This config with the training statistics of its standardized tasks filled in."""
+        current = self.target_stats or (None,) * len(self.tasks)
+        return replace(self, target_stats=tuple(st if st is not None else stats.get(t)
+                                                for t, st in zip(self.tasks, current)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,20 +183,42 @@ class ModelConfig:
         return points
 
 
-def build_column(cfg: ModelConfig, num_classes: int, weights: Path | None = None) -> Column:
-    if cfg.backbone == "convnet":
-        column = columns_lib.convnet(num_classes, in_channels=cfg.in_channels, image_size=cfg.image_size,
-                                     batch_norm=cfg.batch_norm, dropout=cfg.dropout)
-    elif cfg.backbone == "mlp":
-        column = columns_lib.mlp(num_classes, in_features=cfg.in_features or cfg.in_channels * cfg.image_size ** 2,
-                                 hidden=cfg.hidden, dropout=cfg.dropout)
-    elif cfg.backbone in TORCHVISION:
-        return torchvision_column(cfg.backbone, num_classes, cfg.in_channels, cfg.image_size, weights)
-    else:
-        return custom_column(cfg.backbone, num_classes, cfg.in_channels, cfg.image_size)
-    if weights is not None:
+def build_column(cfg: ModelConfig, task: tasks_lib.Task, weights: Path | None = None) -> Column:
+    """One task's column: the backbone, with the head the task's kind needs."""
+    if weights is not None and cfg.backbone not in TORCHVISION:
         raise UsageError(f"--weights applies to torchvision backbones; {cfg.backbone} starts from --from or scratch")
-    return as_column(column)
+    n = task.size
+    if cfg.backbone in ("convnet", "fcn"):
+        build = columns_lib.convnet if cfg.backbone == "convnet" else columns_lib.fcn
+        column = as_column(build(n, in_channels=cfg.in_channels, image_size=cfg.image_size,
+                                 batch_norm=cfg.batch_norm, dropout=cfg.dropout))
+    elif cfg.backbone == "mlp":
+        column = as_column(columns_lib.mlp(n, in_features=cfg.in_features or cfg.in_channels * cfg.image_size ** 2,
+                                           hidden=cfg.hidden, dropout=cfg.dropout))
+    elif cfg.backbone in TORCHVISION:
+        column = torchvision_column(cfg.backbone, n, cfg.in_channels, cfg.image_size, weights)
+    else:
+        column = custom_column(cfg.backbone, n, cfg.in_channels, cfg.image_size)
+    return fit_head(column, task)
+
+
+def fit_head(column: Column, task: tasks_lib.Task) -> Column:
+    """Give a column the head its task needs: a DenseHead for a per-pixel task (on a column with a
+    spatial ``skip`` stage; a column without one keeps its own head, which must then be dense),
+    and the task's output layer (Destandardize) at the end."""
+    if task.dense and column.skip is not None:
+        last = list(column.stages)[-1]
+        column.head = DenseHead(column.channels[last], column.channels[column.skip], task.size)
+        column.taps = (column.skip, "input")
+    layer = task.output_layer()
+    if layer is not None:
+        if isinstance(column.head, DenseHead):
+            column.head.output = layer
+        elif isinstance(column.head, nn.Sequential):
+            column.head.append(layer)  # keeps the head's own parameter names
+        else:
+            column.head = nn.Sequential(column.head, layer)
+    return column
 
 
 class CrossStitchNet(nn.Module):
@@ -184,17 +258,31 @@ class CrossStitchNet(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.columns)
 
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _stages(self, x: torch.Tensor):
+        """Every column's output after the last stage, and the (mixed) stage outputs their heads tap."""
         cols = list(self.columns.values())
+        taps = {t for col in cols for t in col.taps}
         xs = [x] * len(cols)
+        kept = [{"input": x} for _ in cols]
         for name in self.stage_names:
             xs = [col.stages[name](xi) for col, xi in zip(cols, xs)]
             if name in self.units:
                 xs = self.units[name](xs)
-        return dict(zip(self.columns, xs))
+            if name in taps:
+                for k, h in enumerate(xs):
+                    kept[k][name] = h
+        return xs, kept
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.columns, self._stages(x)[0]))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {task: self.columns[task].head(h) for task, h in self.features(x).items()}
+        xs, kept = self._stages(x)
+        out = {}
+        for task, h, k in zip(self.columns, xs, kept):
+            head, taps = self.columns[task].head, self.columns[task].taps
+            out[task] = head(h, *[k[t] for t in taps]) if taps else head(h)
+        return out
 
     def unit_parameters(self) -> list[nn.Parameter]:
         return list(self.units.parameters())
@@ -271,35 +359,71 @@ class SharedNet(nn.Module):
         self.trunk = nn.ModuleDict({n: first.stages[n] for n in names[:k]})
         self.branches = nn.ModuleDict({t: nn.ModuleDict({n: c.stages[n] for n in names[k:]}) for t, c in columns.items()})
         self.heads = nn.ModuleDict({t: c.head for t, c in columns.items()})
+        self.taps = {t: c.taps for t, c in columns.items()}
         self.units = nn.ModuleDict()  # none: nothing to mix
 
     @property
     def tasks(self) -> list[str]:
         return list(self.heads)
 
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        for stage in self.trunk.values():
+    def _stages(self, x: torch.Tensor):
+        kept = {"input": x}
+        for name, stage in self.trunk.items():
             x = stage(x)
-        out = {}
+            kept[name] = x
+        out, taps = {}, {}
         for task, branch in self.branches.items():
-            h = x
-            for stage in branch.values():
+            h, mine = x, dict(kept)
+            for name, stage in branch.items():
                 h = stage(h)
-            out[task] = h
-        return out
+                mine[name] = h
+            out[task], taps[task] = h, [mine[t] for t in self.taps[task]]
+        return out, taps
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._stages(x)[0]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {task: self.heads[task](h) for task, h in self.features(x).items()}
+        out, taps = self._stages(x)
+        return {task: self.heads[task](h, *taps[task]) for task, h in out.items()}
 
     def unit_parameters(self) -> list[nn.Parameter]:
         return []
 
 
 def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet | SharedNet:
-    columns = {task: build_column(cfg, n, weights) for task, n in zip(cfg.tasks, cfg.num_classes)}
+    tasks = cfg.task_list()
+    columns = {name: build_column(cfg, task, weights) for name, task in tasks.items()}
     if cfg.arch == "shared":
-        return SharedNet(columns, cfg.share_until)
-    net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
-                         cfg.unit_init)
+        net = SharedNet(columns, cfg.share_until)
+    else:
+        net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
+                             cfg.unit_init)
     shape = (cfg.in_features,) if cfg.in_features else (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return net.materialize(torch.zeros(2, *shape))
+    example = torch.zeros(2, *shape)
+    if cfg.arch != "shared":
+        net.materialize(example)
+    if any(t.dense for t in tasks.values()) or is_custom(cfg.backbone):
+        check_outputs(net, tasks, example)
+    return net
+
+
+def check_outputs(net: nn.Module, tasks: dict, example: torch.Tensor) -> None:
+    """Each head's output has its task's shape: (N, outputs), or (N, outputs, H, W) at the input's size for a
+    per-pixel task. Checked once, on a two-example batch, so a wrong head fails before any data is read."""
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(example)
+    except RuntimeError as e:
+        raise UsageError(f"the network fails on a {'x'.join(map(str, example.shape[1:]))} input: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    finally:
+        net.train(was_training)
+    n = example.shape[0]
+    for name, task in tasks.items():
+        want = (n, task.size, *example.shape[-2:]) if task.dense else (n, task.size)
+        got = tuple(out[name].shape)
+        if got != want:
+            raise UsageError(f"task {name} ({task.kind}): its head outputs {got}, it should output {want}"
+                             + (" (per pixel, at the input's size)" if task.dense else ""))
