@@ -43,7 +43,7 @@ def _read_version(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
         raise CsnetError(f"{path}: not a readable CSV ({e})") from e
 
 
-def _infer(column: pd.Series, given: str | None) -> TaskSpec:
+def _infer(column: pd.Series, given: str | None, path: str) -> TaskSpec:
     """The kind and size of a task read from ``column``: the kind given, or the one its values suggest."""
     values = column.dropna()
     name = column.name
@@ -55,6 +55,11 @@ def _infer(column: pd.Series, given: str | None) -> TaskSpec:
         size = int(values.nunique()) if cls.kind == "classification" else 1
         return TaskSpec(given, size)
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if not numeric and len(values) and values.map(_is_number).all():
+        # every cell a number, yet pandas read text: some cell says nan or inf
+        bad = _bad_cell(path, column.to_frame(), column.notna() & ~column.map(_finite), name,
+                        f"is not a finite number; leave the cell empty where a row has no {name} target")
+        return TaskSpec("regression", 1, problem=str(bad))  # an error once the column is chosen as a task
     if pd.api.types.is_bool_dtype(values) or (numeric and set(values.unique()) <= {0, 1}) or \
             set(map(str, values.unique())) <= {"true", "false", "True", "False"} and len(values):
         return TaskSpec("binary", 1)
@@ -68,10 +73,22 @@ def _infer(column: pd.Series, given: str | None) -> TaskSpec:
     return TaskSpec("classification", n)
 
 
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _finite(value) -> bool:
+    return _is_number(value) and np.isfinite(float(value))
+
+
 def csv_spec(name: str, kinds: dict[str, str]) -> DatasetSpec:
     """Every column is a possible task (its kind inferred unless ``kinds`` gives it) until --tasks picks."""
     df = _read(name[4:])
-    tasks = {c: _infer(df[c], kinds.get(c)) for c in df.columns}
+    tasks = {c: _infer(df[c], kinds.get(c), name[4:]) for c in df.columns}
     return DatasetSpec(name, (), tasks, (), (len(df.columns),), loader=load_csv, backbone="mlp")
 
 
@@ -100,13 +117,13 @@ def _targets(df: pd.DataFrame, name: str, task: Task, classes: dict[str, list], 
         bad = present & value.isna().to_numpy()
         if bad.any():
             raise _bad_cell(path, df, bad, name, "is not 0, 1, true or false (a binary task)")
-        return torch.tensor(value.to_numpy(dtype="float32")).unsqueeze(1)
+        return torch.from_numpy(value.to_numpy(dtype="float32").copy()).unsqueeze(1)
     number = pd.to_numeric(col, errors="coerce").to_numpy(dtype="float64")
     bad = present & ~np.isfinite(number)
     if bad.any():
         raise _bad_cell(path, df, bad, name, "is not a finite number; leave the cell empty where a row has no "
                                              f"{name} target")
-    return torch.tensor(number, dtype=torch.float32).unsqueeze(1)
+    return torch.from_numpy(number.astype("float32")).unsqueeze(1)
 
 
 def label_columns(cfg: DataConfig, tasks) -> list[str]:
@@ -134,7 +151,7 @@ def _encode(df: pd.DataFrame, tasks: dict[str, Task], classes: dict[str, list], 
         row, col = (int(i[0]) for i in bad.nonzero())
         raise CsnetError(f"{path}: row {row + 1} (line {row + 2}), column {features.columns[col]}: "
                          f"{float(features.iat[row, col]):g} is not a finite float32 number; features must be finite")
-    return Split(torch.from_numpy(values), {t: _targets(df, t, task, classes, path) for t, task in tasks.items()})
+    return Split(torch.from_numpy(values.copy()), {t: _targets(df, t, task, classes, path) for t, task in tasks.items()})
 
 
 def load_csv(cfg: DataConfig, spec: DatasetSpec, tasks: dict[str, Task]) -> Data:

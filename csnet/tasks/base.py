@@ -92,9 +92,8 @@ class Task:
         """A layer after the head that maps standardized outputs back to the target's units, or None."""
         if not self.standardized:
             return None
-        if self.stats is None:
-            raise UsageError(f"task {self.name}: its target statistics are unknown (train the run first)")
-        return Destandardize(*self.stats)
+        # unknown statistics: a network built to check its settings before the data is read, then rebuilt
+        return Destandardize(*(self.stats or ([0.0] * self.size, [1.0] * self.size)))
 
     def describe(self) -> dict:
         """What compare and the plots need to read this task's metrics, written into config.json."""
