@@ -15,7 +15,7 @@ DEMO_FLAGS ?= --train-size 6000 --epochs 1 --seed 0
 # Reproductions and ablations: flags in configs/*.toml, three seeds each, compare + REPORT.md at the end.
 # Every target has a -quick variant (small training set, 2 epochs) for trying it in minutes.
 QUICK := --train-size 2000 --val-size 1000 --test-size 2000 --epochs 2
-EXPERIMENTS := reproduce-fashion reproduce-two-domains ablation-init ablation-lr ablation-pretrain data-starved
+EXPERIMENTS := reproduce-fashion reproduce-two-domains reproduce-scenes ablation-init ablation-lr ablation-pretrain data-starved
 $(addsuffix -quick,$(EXPERIMENTS)): SCALE = $(QUICK)
 $(addsuffix -quick,$(EXPERIMENTS)): TAG = -quick
 RUN = runs/$@$(TAG)-$(NOW)
@@ -77,6 +77,24 @@ reproduce-two-domains: install
 	$(CSNET) stitch $(RUN)/mnist $(RUN)/fashion --stitch all --out $(RUN)/stitched
 	$(CSNET) train --from $(RUN)/stitched --freeze-columns --stitch-lr-mult 100 --epochs 10 $(SCALE) --train-size 2000 --quiet --out $(RUN)/cross-stitch
 	$(CSNET) compare $(RUN)/mnist $(RUN)/fashion $(RUN)/cross-stitch --reference $(RUN)/mnist --reference $(RUN)/fashion --out $(RUN)/compare
+
+# The dense benchmark (fashion-scenes: segment, depth, presence, count; fcn columns): single-task references,
+# independent columns (from scratch, and from the pretrained columns: what the units add, at equal training),
+# hard sharing (one encoder, a head per task) and cross-stitch from the pretrained columns, three seeds
+# each; compare with Δm against the single-task references.
+SCENE_TASKS := segment depth presence count
+reproduce-scenes: install
+	for t in $(SCENE_TASKS); do \
+		$(CSNET) pretrain --config configs/scenes.toml --task $$t $(SCALE) --quiet --out $(RUN)/single-$$t || exit 1; \
+	done
+	$(CSNET) stitch $(addprefix $(RUN)/single-,$(SCENE_TASKS)) --stitch all --out $(RUN)/stitched
+	$(CSNET) stitch $(addprefix $(RUN)/single-,$(SCENE_TASKS)) --stitch none --out $(RUN)/side-by-side
+	$(CSNET) train --config configs/scenes.toml --stitch none $(SCALE) --quiet --out $(RUN)/independent
+	$(CSNET) train --config configs/scenes.toml --arch shared --share-until pool3 $(SCALE) --quiet --out $(RUN)/hard-sharing
+	$(CSNET) train --config configs/scenes.toml --from $(RUN)/side-by-side $(SCALE) --quiet --out $(RUN)/independent-pretrained
+	$(CSNET) train --config configs/scenes.toml --from $(RUN)/stitched $(SCALE) --quiet --out $(RUN)/cross-stitch
+	$(CSNET) compare $(RUN)/independent $(RUN)/hard-sharing $(RUN)/independent-pretrained $(RUN)/cross-stitch \
+		$(addprefix --reference $(RUN)/single-,$(SCENE_TASKS)) --out $(RUN)/compare
 
 # The paper's unit-initialisation ablation: (alpha_S, alpha_D) and the identity / ones conventions.
 # Units' lr x10: at x100 with SGD the 'ones' init (every input the sum of both columns) diverges.

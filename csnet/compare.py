@@ -368,14 +368,15 @@ def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out
 
 
 def write_summary(group: Path) -> pd.DataFrame:
-    """OUT/summary.csv of a --seeds folder: per task and mean, the test accuracy at the best
-    validation epoch over seeds: n, mean, std, 95% t-interval."""
-    scores = entry_scores(group)[0]
+    """OUT/summary.csv of a --seeds folder: per task its primary test metric at the best validation epoch,
+    and the score, over seeds: n, mean, std, 95% t-interval."""
+    scores, _, info = entry_scores(group)
     rows = []
     for task in scores.columns:
         mean, std, low, high = interval(scores[task])
-        rows.append({"task": task, "seeds": int(scores[task].notna().sum()), "mean": mean, "std": std,
-                     "ci_low": low, "ci_high": high})
+        metric = info["tasks"][task]["primary"] if task in info["tasks"] else "score"
+        rows.append({"task": task, "metric": metric, "seeds": int(scores[task].notna().sum()), "mean": mean,
+                     "std": std, "ci_low": low, "ci_high": high})
     summary = pd.DataFrame(rows)
     runio.atomic_write(Path(group) / runio.SUMMARY, lambda f: f.write(summary.to_csv(index=False, float_format="%.6g").encode()))
     return summary

@@ -111,6 +111,14 @@ def run_data_config(run: Path) -> DataConfig:
 
 
 def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
+    hw = tuple(data.train.images.shape[2:])
+    for name, task in model_cfg.task_list().items():
+        for split in ("train", "val", "test"):
+            got = tuple(data.split(split).labels[name].shape[1:])
+            if got != task.target_shape(hw) and not (task.dense and got == (1, *hw)):
+                what = "its image's size" if task.dense else f"{task.size} output(s)"
+                raise CsnetError(f"task {name} ({task.kind}): {split} targets have shape {got or 'scalar'} per "
+                                 f"sample; they should be {task.target_shape(hw) or 'a scalar'}, to match {what}")
     if data.train.images.dim() == 2:
         if data.train.images.shape[1] != model_cfg.in_features:
             raise UsageError(f"the network expects {model_cfg.in_features} features per row, "
@@ -264,7 +272,7 @@ def _finish_seeds(seeds: list[int], out: Path, console: Console, one) -> Path:
         return out
     summary = write_summary(out)
     console.print(f"over {len(seeds)} seeds: " + "; ".join(
-        f"{r.task} {100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for _, r in summary.iterrows()) +
+        f"{r.task} {r.metric} {100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for _, r in summary.iterrows()) +
         f"; summary in {out / runio.SUMMARY}", highlight=False)
     return out
 

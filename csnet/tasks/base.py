@@ -75,6 +75,10 @@ class Task:
             return dict.fromkeys(["loss", *self.metrics], math.nan)
         return {"loss": loss_sum / n, **self._metrics(sums[2:].double().cpu())}
 
+    def target_shape(self, image_size: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one sample's target: (outputs,) for vector kinds, the image's (H, W) for dense ones."""
+        return tuple(image_size) if self.dense else (self.size,)
+
     def labelled(self, y: torch.Tensor) -> torch.Tensor:
         """Per sample: whether it has any label for this task."""
         raise NotImplementedError

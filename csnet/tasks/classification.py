@@ -40,6 +40,9 @@ class Classification(Task):
         f1 = 2 * tp / (predicted + true).clamp_min(1)
         return {"accuracy": float(correct) / n, "macro_f1": macro_mean(f1, seen)}
 
+    def target_shape(self, image_size):
+        return ()
+
     def labelled(self, y):
         return y != MISSING
 
