@@ -118,6 +118,10 @@ Deterministic = Annotated[bool, typer.Option("--deterministic", help="Use PyTorc
 Select = Annotated[Optional[str], typer.Option(
     help="Model selection: the best epoch by this validation metric, TASK:METRIC (e.g. depth:abs_err; its "
          "direction comes from the task's kind) [default: the score, the mean of every task's primary metric].")]
+WeightingOpt = Annotated[str, typer.Option(
+    "--weighting", help="How the task losses combine: equal (their sum), fixed:TASK=W,... (static weights), uncertainty "
+                        "(Kendall et al. 2018), dwa[:TEMPERATURE] (Liu et al. 2019, 2 by default), gradnorm[:ALPHA] "
+                        "(Chen et al. 2018, 1.5 by default), pcgrad (Yu et al. 2020).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
 Config = Annotated[Optional[Path], typer.Option(
     help="A TOML file whose keys are this command's options (train-size = 6000, tasks = [\"fine\", \"coarse\"]); "
@@ -320,7 +324,7 @@ def train(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None, select: Select = None,
-    device: Device = _T.device, deterministic: Deterministic = False,
+    weighting: WeightingOpt = _T.weighting, device: Device = _T.device, deterministic: Deterministic = False,
     amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
@@ -370,7 +374,7 @@ def train(
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
                     deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile,
-                    select=select),
+                    select=select, weighting=weighting),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
         code=code,
     )

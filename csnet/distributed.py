@@ -147,3 +147,16 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if _world.active:
         for b in module.buffers():
             dist.broadcast(b, 0)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` over ranks: for weightings that compute per-task gradients
+    themselves, outside DDP's hooks (a no-op on one process). Every rank must pass the same parameters;
+    one without a gradient takes part as zeros, so the collectives stay in step."""
+    if not _world.active:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= _world.size

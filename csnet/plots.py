@@ -69,9 +69,27 @@ def train_loss(metrics: dict[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
+def loss_weights(metrics: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Each task's loss weight against epoch (the run's --weighting), one line per run and task."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, df in metrics.items():
+        rows = df[(df.split == "train") & (df.metric == "loss_weight")]
+        for task, r in rows.groupby("task", sort=False):
+            ax.plot(r.epoch, r.value, marker="o", label=f"{label}: {task}" if len(metrics) > 1 else task)
+    ax.set_title("loss weight per task")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def curves(metrics: dict[str, pd.DataFrame], out_dir: Path, primary: dict[str, str] | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [test_metrics(metrics, out_dir / "test_metrics.png", primary), train_loss(metrics, out_dir / "train_loss.png")]
+    figures = [test_metrics(metrics, out_dir / "test_metrics.png", primary),
+               train_loss(metrics, out_dir / "train_loss.png")]
+    if any((df.metric == "loss_weight").any() for df in metrics.values()):
+        figures.append(loss_weights(metrics, out_dir / "loss_weights.png"))
+    return figures
 
 
 # ---------------------------------------------------------------- what the units learned (paper, section 5.4)

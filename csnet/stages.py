@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from csnet import data as data_lib
-from csnet import distributed, plots, runio
+from csnet import distributed, plots, runio, weightings
 from csnet.compare import read_metrics, task_info
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
@@ -147,6 +147,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
         selection(train_cfg, model_cfg.task_list())  # a --select naming no task or metric fails before any work
         torch.manual_seed(train_cfg.seed)
         net = _build(model_cfg, code, source, weights)  # a bad stitch point or backbone fails here, before the data
+        weightings.make(train_cfg.weighting, model_cfg.task_list(), train_cfg.seed).check(net)
         if state is not None:
             _load_state(net, state, source / runio.MODEL)
         if note:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from csnet import distributed, runio
+from csnet import distributed, runio, weightings
 from csnet.data import Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
@@ -65,6 +65,9 @@ class TrainConfig:
     compile: bool = False
     # Model selection: None for the mean of the tasks' primary metrics ("score"), or TASK:METRIC.
     select: str | None = None
+    # How the task losses become the step's gradients (csnet.weightings): equal (their sum), fixed:T=W,...,
+    # uncertainty, dwa[:TEMPERATURE], gradnorm[:ALPHA], pcgrad.
+    weighting: str = "equal"
 
     def __post_init__(self):
         finite = math.isfinite
@@ -84,6 +87,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if not isinstance(self.weighting, str) or not self.weighting:
+            raise UsageError("--weighting is empty")
+        weightings.check_name(self.weighting)
         if self.select is not None and not (isinstance(self.select, str) and self.select.count(":") == 1
                                             and all(self.select.split(":"))):
             raise UsageError(f"--select takes TASK:METRIC (e.g. depth:abs_err), got {self.select!r}")
@@ -145,8 +151,9 @@ def set_train_mode(net: CrossStitchNet, cfg: TrainConfig) -> None:
                     m.eval()
 
 
-def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the columns, and the unit weights at ``lr * stitch_lr_mult`` without decay.
+def make_optimizer(net: CrossStitchNet, cfg: TrainConfig, weighting: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Parameter groups: the columns; the unit weights at ``lr * stitch_lr_mult`` without decay; the
+    loss weighting's own parameters (log-variances, GradNorm's weights) at ``lr`` without decay.
 
     Weight decay would pull the mixing weights towards zero, i.e. towards switching
     the columns off, so it applies to the columns only.
@@ -158,6 +165,9 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig) -> torch.optim.Optimiz
         groups.append({"params": net.unit_parameters(), "lr": cfg.lr * cfg.stitch_lr_mult, "weight_decay": 0.0})
     if not groups:
         raise UsageError("nothing to train: --freeze-columns on a network without units (add --train-heads?)")
+    own = list(weighting.parameters()) if weighting is not None else []
+    if own:
+        groups.append({"params": own, "lr": cfg.lr, "weight_decay": 0.0})
     # The fused kernels update every tensor in one pass instead of one pass per operation: on the
     # CPU the Adam step went from about 13 to 4 ms per batch of the Fashion pair (csnet bench).
     make = (lambda **kw: torch.optim.Adam(groups, lr=cfg.lr, **kw)) if cfg.optimizer == "adam" else \
@@ -294,7 +304,7 @@ def evaluate(net: CrossStitchNet, split: Split, tasks: dict[str, Task], *, mean:
 
 def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, gen: torch.Generator, epoch: int,
                 reporter: Reporter, stop: StopRequest, start_step: int = 0, tally: _Tally | None = None,
-                forward=None):
+                forward=None, weighting: weightings.Weighting | None = None):
     """One pass over the training set, from batch ``start_step`` on (a resumed epoch skips the batches done).
 
     Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
@@ -303,16 +313,18 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
     forward = forward or net
     device = data.train.images.device
     tally = tally or _Tally(tasks, device)
+    weighting = weighting or weightings.make("equal", tasks)
     step = start_step
     w = distributed.world()
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
                              start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
-        loss = 0.0
+        losses = {}
         for task, out in forward(x).items():
             loss_sum, n, stats = tasks[task].terms(out, labels[task])
             tally.add(task, loss_sum, n, stats)
-            loss = loss + loss_sum / n.clamp_min(1)
+            losses[task] = loss_sum / n.clamp_min(1)
+        loss = sum(losses.values())
         # decided by all ranks together: one rank stopping alone would leave the others in a collective
         if distributed.any_(not bool(torch.isfinite(loss)), device):
             losses = distributed.gather(loss.item())  # every rank is here: the decision was collective
@@ -320,14 +332,29 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
             raise NonFiniteLoss(f"training loss became {losses[bad]} at epoch {epoch}, step {step}"
                                 f"{f' on rank {bad}' if w.active else ''}; try a lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        weighting.backward(losses, net)
+        if weighting.per_task_gradients:  # computed outside DDP's hooks: average them here
+            distributed.average_gradients([p for g in opt.param_groups for p in g["params"]])
         opt.step()
+        weighting.after_step()
         reporter.step()
         if distributed.any_(stop.requested is not None, device):
             return None, step, tally.reduce()
     metrics = tally.reduce().result()
     metrics["total"] = {"loss": tally.total_loss()}
     return metrics, step, tally
+
+
+class _Trainable(nn.Module):
+    """The network and its loss weighting as one module, so DDP averages the weighting's gradients too;
+    its forward is the network's."""
+
+    def __init__(self, net: nn.Module, weighting: nn.Module):
+        super().__init__()
+        self.net, self.weighting = net, weighting
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class NonFiniteLoss(CsnetError):
@@ -415,13 +442,16 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
     data = data.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)  # the same batch order on every rank, cut into shards
     freeze(net, cfg)
+    weighting = weightings.make(cfg.weighting, tasks, cfg.seed).to(device)
     eval_forward = make_forward(net, cfg, device)
     forward = eval_forward
-    opt = make_optimizer(net, cfg)  # before DDP, which refuses a module with nothing to train less clearly
-    if w.active:
-        # DDP averages gradients over ranks. Evaluation runs the plain module: DDP's forward would
-        # broadcast buffers, a collective, and ranks evaluate different numbers of batches.
-        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = make_optimizer(net, cfg, weighting)  # before DDP, which refuses a module with nothing to train less clearly
+    if w.active and not weighting.per_task_gradients:
+        # DDP averages gradients over ranks, the weighting's own (log-variances) too. Evaluation runs the
+        # plain module: DDP's forward would broadcast buffers, a collective, and ranks evaluate different
+        # numbers of batches. Weightings that take per-task gradients average them themselves.
+        ddp = nn.parallel.DistributedDataParallel(_Trainable(net, weighting),
+                                                  device_ids=[device.index] if device.type == "cuda" else None)
         forward = make_forward(ddp, cfg, device)
     sched = make_scheduler(opt, cfg)
     best = {"epoch": 0, "val_score": -math.inf}
@@ -430,6 +460,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         try:
             opt.load_state_dict(resume["optimizer"])
             _check_optimizer_state(opt)
+            if resume.get("weighting") is not None or list(weighting.state_dict()):
+                weighting.load_state_dict(resume["weighting"])
             if sched is not None:
                 sched.load_state_dict(resume["scheduler"])
             by_rank = resume.get("rng_by_rank") or []
@@ -464,6 +496,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         runio.save_checkpoint(run / runio.LAST, {
             **network(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+            "weighting": weighting.state_dict(),
             "train_config": asdict(cfg), "best": best, "position": {**position, "world_size": w.size},
             "tally": {t: v.cpu() for t, v in partial.sums.items()} if partial else None,
             "rng": rngs[0], "rng_by_rank": rngs if w.active else None,
@@ -487,7 +520,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 t0 = time.perf_counter()
                 try:
                     train, step, tally = train_epoch(net, data, tasks, opt, cfg, gen, epoch, reporter, stop, step,
-                                                     tally, forward)
+                                                     tally, forward, weighting)
                 except NonFiniteLoss as e:
                     kept = (f"the last good checkpoint, {run / runio.LAST}, is kept"
                             if (run / runio.LAST).exists() else "no checkpoint was written")
@@ -503,7 +536,11 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 distributed.broadcast_buffers(net)  # rank 0's batch-norm statistics: the ones model.pt keeps
                 val = evaluate(net, data.val, tasks, mean=data.mean, std=data.std, forward=eval_forward)
                 test = evaluate(net, data.test, tasks, mean=data.mean, std=data.std, forward=eval_forward)
+                used = weighting.weights()  # what this epoch's losses were weighted by (DWA: fixed per epoch)
+                weighting.epoch_end({t: train[t]["loss"] for t in tasks})
                 if main:
+                    for t, w_t in used.items():
+                        train[t]["loss_weight"] = w_t
                     for split, values in (("train", train), ("val", val), ("test", test)):
                         writer.write(epoch, split, values)
                 if alphas is not None:

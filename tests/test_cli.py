@@ -59,7 +59,8 @@ def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
     assert sorted(m.epoch.unique()) == [1, 2]
     acc = m[m.metric.isin(["accuracy", "macro_f1", "score"])]
     assert set(acc.split) == {"train", "val", "test"} and set(acc.task) == {"fine", "coarse", "mean"}
-    assert set(m[m.task == "fine"].metric) == {"loss", "accuracy", "macro_f1"}
+    assert set(m[(m.task == "fine") & (m.split == "val")].metric) == {"loss", "accuracy", "macro_f1"}
+    assert set(m[(m.task == "fine") & (m.split == "train")].metric) == {"loss", "accuracy", "macro_f1", "loss_weight"}
     assert set(m[m.task == "mean"].metric) == {"loss", "score"}
     assert acc.value.between(0, 1).all()
     # the score is the mean of the tasks' primary metrics, here their accuracies

@@ -287,6 +287,14 @@ class CrossStitchNet(nn.Module):
     def unit_parameters(self) -> list[nn.Parameter]:
         return list(self.units.parameters())
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The last mixed layer: every column's stage at the last stitch point, which every task's loss
+        reaches through that point's unit (what GradNorm measures gradients at); none without units."""
+        if not self.units:
+            return []
+        last = list(self.units)[-1]
+        return [p for col in self.columns.values() for p in col.stages[last].parameters() if p.requires_grad]
+
     def materialize(self, example: torch.Tensor) -> "CrossStitchNet":
         """Size lazy (dense) units with one forward pass; needed before an optimizer is built."""
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.unit_parameters()):
@@ -389,6 +397,10 @@ class SharedNet(nn.Module):
 
     def unit_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The last shared stage of the trunk."""
+        return [p for p in list(self.trunk.values())[-1].parameters() if p.requires_grad]
 
 
 def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet | SharedNet:

@@ -40,6 +40,7 @@ class Task:
     delta: ClassVar[tuple[str, ...]]  # the metrics Δm averages over (Maninis et al., CVPR 2019)
     losses: ClassVar[tuple[str, ...]]  # allowed losses, the first the default
     standardized: ClassVar[bool] = False  # targets z-scored with training statistics inside the run
+    gaussian: ClassVar[bool] = False  # a regression-like loss: uncertainty weighting takes its halved form
     fixed_size: ClassVar[int | None] = None
 
     def __init__(self, name: str, size: int, loss: str | None = None, stats: tuple | None = None):

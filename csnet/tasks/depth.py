@@ -24,6 +24,7 @@ class Depth(Task):
     delta = ("abs_err", "abs_rel")
     losses = ("l1", "mse")
     standardized = True
+    gaussian = True
     fixed_size = 1
 
     def stat_size(self) -> int:

@@ -21,6 +21,7 @@ class Regression(Task):
     delta = ("mae", "rmse")
     losses = ("mse", "l1")
     standardized = True
+    gaussian = True
 
     def stat_size(self) -> int:
         return 5 * self.size

@@ -1,0 +1,43 @@
+"""Dynamic weight average (Liu, Johns and Davison, CVPR 2019): w_i = T exp(r_i / temperature) /
+Σ_j exp(r_j / temperature), r_i the ratio of task i's mean training losses in the last two epochs;
+every weight 1 in the first two epochs. ``dwa`` uses the published temperature 2; ``dwa:K`` another."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from csnet.errors import UsageError
+from csnet.weightings.base import Weighting, needs_tasks
+
+
+class DWA(Weighting):
+    name = "dwa"
+
+    @classmethod
+    def takes_option(cls) -> bool:
+        return True
+
+    def __init__(self, tasks, option=None, seed=0):
+        super().__init__(tasks, option, seed)
+        needs_tasks(self.name, tasks)
+        try:
+            self.temperature = float(option) if option is not None else 2.0
+        except ValueError:
+            raise UsageError(f"--weighting dwa:{option}: the temperature must be a number") from None
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"--weighting dwa:{option}: the temperature must be a positive number")
+        # the last two epochs' mean losses, older first (NaN: not seen yet); saved with the training state
+        self.register_buffer("history", torch.full((2, len(tasks)), math.nan, dtype=torch.float64))
+
+    def weights(self):
+        if bool(torch.isnan(self.history).any()):
+            return dict.fromkeys(self.task_names, 1.0)
+        r = self.history[1] / self.history[0]
+        w = len(self.task_names) * torch.softmax(r / self.temperature, 0)
+        return dict(zip(self.task_names, w.tolist()))
+
+    def epoch_end(self, losses):
+        latest = torch.tensor([losses[t] for t in self.task_names], dtype=torch.float64)
+        self.history.copy_(torch.stack([self.history[1], latest]))

@@ -1,0 +1,74 @@
+"""GradNorm (Chen, Badrinarayanan, Lee and Rabinovich, ICML 2018): learned task weights w_i (starting
+at 1) trained so that the norms G_i = ||∇_W w_i L_i|| at a shared layer W move towards the mean norm
+times (r_i)^α, r_i the task's loss ratio L_i(t)/L_i(0) relative to the mean ratio; after each step the
+weights are renormalised to sum to T. ``gradnorm`` uses α = 1.5 (the paper's NYU-v2 setting),
+``gradnorm:A`` another.
+
+W is the network's ``shared_parameters()``: in a cross-stitch network the stage before the last unit,
+in every column (the last mixed layer: every task's loss reaches all of it); in hard sharing the
+last shared stage. A network without one (independent columns) cannot use GradNorm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from csnet.errors import UsageError
+from csnet.weightings.base import Weighting, needs_tasks
+
+
+class GradNorm(Weighting):
+    name = "gradnorm"
+    per_task_gradients = True
+
+    @classmethod
+    def takes_option(cls) -> bool:
+        return True
+
+    def __init__(self, tasks, option=None, seed=0):
+        super().__init__(tasks, option, seed)
+        needs_tasks(self.name, tasks)
+        try:
+            self.alpha = float(option) if option is not None else 1.5
+        except ValueError:
+            raise UsageError(f"--weighting gradnorm:{option}: α must be a number") from None
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise UsageError(f"--weighting gradnorm:{option}: α must be a finite number, 0 or more")
+        self.task_weight = nn.Parameter(torch.ones(len(tasks)))
+        self.register_buffer("initial", torch.full((len(tasks),), math.nan))  # L_i(0): the first step's losses
+
+    def check(self, net):
+        if not net.shared_parameters():
+            raise UsageError("--weighting gradnorm needs a layer every task reaches: units (--stitch) or "
+                             "--arch shared; independent columns share none")
+
+    def weights(self):
+        return dict(zip(self.task_names, self.task_weight.detach().tolist()))
+
+    def backward(self, losses, net):
+        shared = net.shared_parameters()
+        loss = torch.stack([losses[t] for t in self.task_names])
+        if bool(torch.isnan(self.initial).any()):
+            self.initial.copy_(loss.detach())
+        norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss[i], shared, retain_graph=True, allow_unused=True) if g is not None]).norm()
+            for i in range(len(loss))]).detach()
+        self.task_weight.grad = gradnorm_grad(self.task_weight, norms, loss.detach() / self.initial, self.alpha)
+        (self.task_weight.detach() * loss).sum().backward()
+
+    def after_step(self):
+        with torch.no_grad():
+            w = self.task_weight.clamp_(min=1e-6)
+            w.mul_(len(w) / w.sum())
+
+
+def gradnorm_grad(w: torch.Tensor, norms: torch.Tensor, ratios: torch.Tensor, alpha: float) -> torch.Tensor:
+    """∂/∂w of Σ_i |w_i n_i − mean_j(w_j n_j) r_i^α| with the target held constant (Chen et al., eq. 2),
+    ``norms`` n_i = ||∇_W L_i||, ``ratios`` L_i(t)/L_i(0), r_i the ratios over their mean."""
+    w = w.detach().requires_grad_(True)
+    g = w * norms
+    target = (g.mean() * (ratios / ratios.mean()) ** alpha).detach()
+    return torch.autograd.grad((g - target).abs().sum(), w)[0]

@@ -1,0 +1,29 @@
+"""Uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018): one learned log-variance s_i per task,
+L = Σ_i exp(−s_i) L_i + s_i for a classification-like loss and ½ exp(−s_i) L_i + ½ s_i for a Gaussian
+(regression) one, s_i = log σ_i², starting at 0 (every weight 1, or ½ for regression)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from csnet.weightings.base import Weighting
+
+
+class Uncertainty(Weighting):
+    name = "uncertainty"
+
+    def __init__(self, tasks, option=None, seed=0):
+        super().__init__(tasks, option, seed)
+        self.log_var = nn.Parameter(torch.zeros(len(tasks)))
+        self.register_buffer("scale", torch.tensor([0.5 if t.gaussian else 1.0 for t in tasks.values()]),
+                             persistent=False)
+
+    def combine(self, losses):
+        terms = [self.scale[i] * (torch.exp(-self.log_var[i]) * losses[t] + self.log_var[i])
+                 for i, t in enumerate(self.task_names) if t in losses]
+        return torch.stack(terms).sum()
+
+    def weights(self):
+        w = (self.scale * torch.exp(-self.log_var.detach())).tolist()
+        return dict(zip(self.task_names, w))
