@@ -15,7 +15,7 @@ DEMO_FLAGS ?= --train-size 6000 --epochs 1 --seed 0
 # Reproductions and ablations: flags in configs/*.toml, three seeds each, compare + REPORT.md at the end.
 # Every target has a -quick variant (small training set, 2 epochs) for trying it in minutes.
 QUICK := --train-size 2000 --val-size 1000 --test-size 2000 --epochs 2
-EXPERIMENTS := reproduce-fashion reproduce-two-domains reproduce-scenes ablation-init ablation-lr ablation-pretrain data-starved
+EXPERIMENTS := reproduce-fashion reproduce-two-domains reproduce-scenes compare-methods ablation-init ablation-lr ablation-pretrain data-starved
 $(addsuffix -quick,$(EXPERIMENTS)): SCALE = $(QUICK)
 $(addsuffix -quick,$(EXPERIMENTS)): TAG = -quick
 RUN = runs/$@$(TAG)-$(NOW)
@@ -95,6 +95,31 @@ reproduce-scenes: install
 	$(CSNET) train --config configs/scenes.toml --from $(RUN)/stitched $(SCALE) --quiet --out $(RUN)/cross-stitch
 	$(CSNET) compare $(RUN)/independent $(RUN)/hard-sharing $(RUN)/independent-pretrained $(RUN)/cross-stitch \
 		$(addprefix --reference $(RUN)/single-,$(SCENE_TASKS)) --out $(RUN)/compare
+
+# Cross-stitch against the field, on the Fashion pair and on the scenes, three seeds each: independent columns,
+# hard sharing, cross-stitch, NDDR and sluice with the plain sum of the losses, and cross-stitch with
+# uncertainty weighting and DWA; compare with Δm against single-task references.
+# $(call methods,CONFIG,FOLDER,LAST SHARED STAGE,REFERENCES)
+define methods
+	$(CSNET) train --config $(1) --arch independent $(SCALE) --quiet --out $(2)/independent
+	$(CSNET) train --config $(1) --arch shared --share-until $(3) $(SCALE) --quiet --out $(2)/shared
+	$(CSNET) train --config $(1) --arch cross-stitch $(SCALE) --quiet --out $(2)/cross-stitch
+	$(CSNET) train --config $(1) --arch nddr $(SCALE) --quiet --out $(2)/nddr
+	$(CSNET) train --config $(1) --arch sluice $(SCALE) --quiet --out $(2)/sluice
+	$(CSNET) train --config $(1) --weighting uncertainty $(SCALE) --quiet --out $(2)/cross-stitch-uncertainty
+	$(CSNET) train --config $(1) --weighting dwa $(SCALE) --quiet --out $(2)/cross-stitch-dwa
+	$(CSNET) compare $(addprefix $(2)/,independent shared cross-stitch nddr sluice cross-stitch-uncertainty \
+		cross-stitch-dwa) $(4) --out $(2)/compare
+endef
+compare-methods: install
+	for t in fine coarse; do \
+		$(CSNET) pretrain --config configs/fashion.toml --task $$t $(SCALE) --quiet --out $(RUN)/fashion/single-$$t || exit 1; \
+	done
+	$(call methods,configs/fashion.toml,$(RUN)/fashion,pool2,$(addprefix --reference $(RUN)/fashion/single-,fine coarse))
+	for t in $(SCENE_TASKS); do \
+		$(CSNET) pretrain --config configs/scenes.toml --task $$t $(SCALE) --quiet --out $(RUN)/scenes/single-$$t || exit 1; \
+	done
+	$(call methods,configs/scenes.toml,$(RUN)/scenes,pool3,$(addprefix --reference $(RUN)/scenes/single-,$(SCENE_TASKS)))
 
 # The paper's unit-initialisation ablation: (alpha_S, alpha_D) and the identity / ones conventions.
 # Units' lr x10: at x100 with SGD the 'ones' init (every input the sum of both columns) diverges.

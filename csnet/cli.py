@@ -96,8 +96,11 @@ Weights = Annotated[Optional[Path], typer.Option(
     help="Local pretrained weights (a torchvision state dict) for every column of a torchvision backbone; "
          "loaded with weights_only=True; tensors of another shape (the head) are skipped.")]
 Arch = Annotated[Optional[str], typer.Option(
-    help="cross-stitch (one column per task, units) or shared: hard parameter sharing, the paper's 'split' "
-         "baseline, one trunk up to --share-until then a branch per task. [default: cross-stitch]")]
+    help="cross-stitch (one column per task, units at the stitch points); nddr (NDDR layers there, Gao et al. 2019); "
+         "sluice (sluice units, Ruder et al. 2019); independent (columns side by side, no units: --stitch none); "
+         "shared (hard parameter sharing, the paper's 'split' baseline: one trunk up to --share-until then a "
+         "branch per task). [default: cross-stitch]")]
+Subspaces = Annotated[Optional[int], typer.Option(help="--arch sluice: subspaces per layer [default: 2, as Ruder et al.].")]
 ShareUntil = Annotated[Optional[str], typer.Option(help="With --arch shared: the last shared stage (convnet: pool1, pool2, fc).")]
 FreezeColumns = Annotated[bool, typer.Option("--freeze-columns", help="Train only the units (the two-domain procedure).")]
 TrainHeads = Annotated[bool, typer.Option("--train-heads", help="With --freeze-columns, train the output heads too.")]
@@ -286,6 +289,8 @@ def stitch(
     alpha: Annotated[float, typer.Option(help="Initial same-task unit weight.")] = 0.9,
     beta: Annotated[float, typer.Option(help="Initial different-task unit weight.")] = 0.1,
     unit_mode: UnitMode = None, unit_init: UnitInit = None,
+    arch: Annotated[str, typer.Option(help="How the columns are mixed: cross-stitch, nddr or sluice (see train).")] = "cross-stitch",
+    subspaces: Subspaces = None,
     tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
     backbone: TrustBackbone = None,
     out: Out = None, name: Name = None, force: Force = False,
@@ -294,7 +299,7 @@ def stitch(
     run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
                         tasks=list(_parse_list(tasks, "--tasks")) if tasks is not None else None, force=force,
                         unit_mode=unit_mode or "channel", unit_init=unit_init or "alpha-beta",
-                        code=_code(backbone, "stitch"))
+                        code=_code(backbone, "stitch"), arch=arch, subspaces=subspaces or 2)
     console.print(f"stitched {len(runs)} columns (units: {stitch}); saved in {run}; "
                   f"train it with: csnet train --from {run}", highlight=False)
 
@@ -315,7 +320,7 @@ def train(
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
-    backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None,
+    backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None, subspaces: Subspaces = None,
     stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
     batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None, weights: Weights = None,
@@ -343,7 +348,7 @@ def train(
                       device=device if _given(ctx, ["device"]) else None, code=_code(backbone, "--resume"))
         return
     seed_list = _seed_list(ctx, seeds)
-    model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
+    model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, subspaces=subspaces, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
     code = _code(backbone, "--from" if from_run is not None else None)
@@ -364,7 +369,9 @@ def train(
         unknown = [t for t in task_list if t not in spec.tasks]
         if unknown:
             raise UsageError(f"unknown task {unknown[0]!r} for {dataset}; valid: {', '.join(spec.tasks)}")
-        default_stitch = "none" if arch == "shared" else "all"
+        default_stitch = "none" if arch in ("shared", "independent") else "all"
+        if subspaces is not None and arch != "sluice":
+            raise UsageError("--subspaces applies to --arch sluice")
         model_cfg = _model_config(spec, task_list, stitch=model_opts.pop("stitch") or default_stitch,
                                   label_columns=label_columns, **model_opts)
     stages.train(
@@ -418,7 +425,8 @@ def compare(
     for note in table.attrs.get("notes", []):
         print(f"warning: {note}", file=sys.stderr)
     header, cells = format_rows(table, table.attrs["tasks"])
-    view = Table(title=f"test accuracy % at the best validation epoch (difference from {table.run.iloc[0]}, points)")
+    view = Table(title=f"each task's primary test metric and the score, % at the best validation epoch "
+                       f"(difference from {table.run.iloc[0]}, points)")
     for i, h in enumerate(header):
         view.add_column(h, justify="left" if i == 0 else "right")
     for row in cells:

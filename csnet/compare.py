@@ -99,9 +99,10 @@ def selected_by(run: Path) -> tuple[str, str, float]:
 def summarize(df: pd.DataFrame, by: tuple[str, str, float] = ("mean", "score", 1.0)) -> dict:
     """Best epoch by the validation value ``by`` (the first, on ties) and every test metric there."""
     task, metric, sign = by
-    if metric == "score" and not ((df.task == "mean") & (df.metric == "score")).any():
-        metric = "accuracy"  # a run of an older csnet: its score was the mean accuracy
     val = df[(df.split == "val") & (df.task == task) & (df.metric == metric)].set_index("epoch").value
+    if metric == "score":  # epochs of an older csnet (a run resumed since): their score was the mean accuracy
+        older = df[(df.split == "val") & (df.task == task) & (df.metric == "accuracy")].set_index("epoch").value
+        val = pd.concat([val, older[~older.index.isin(val.index)]]).sort_index()
     if val.dropna().empty:
         raise CsnetError(f"metrics have no validation {task} {metric} (no labelled validation samples?)")
     best = int((sign * val).idxmax())
@@ -261,7 +262,9 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
     for ref in ref_paths:  # the first reference that has a task sets its reference values
         ref_table = by_path.get(Path(ref).resolve())
         if ref_table is None:
-            ref_table = entry_scores(ref)[2]["full"]
+            _, _, ref_info = entry_scores(ref)
+            ref_table = ref_info["full"]
+            check_kinds({**entries, str(ref): (None, None, ref_info)}, [*labels, str(ref)])
         for task in dict.fromkeys(ref_table.columns.get_level_values(0)):
             if task in ("mean", "total", "all") or task in ref_tasks:
                 continue

@@ -152,10 +152,18 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
 def average_gradients(params) -> None:
     """Average the gradients of ``params`` over ranks: for weightings that compute per-task gradients
     themselves, outside DDP's hooks (a no-op on one process). Every rank must pass the same parameters;
-    one without a gradient takes part as zeros, so the collectives stay in step."""
+    one without a gradient takes part as zeros, so the collectives stay in step, and stays without one
+    where no rank had one (the optimizer then leaves it alone, as on one process)."""
     if not _world.active:
         return
-    for p in params:
+    params = list(params)
+    if not params:
+        return
+    had = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(had, op=dist.ReduceOp.SUM)
+    for p, n in zip(params, had.tolist()):
+        if not n:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

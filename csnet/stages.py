@@ -144,7 +144,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
         if main:
             runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
         device, note = resolve_device(train_cfg.device)
-        selection(train_cfg, model_cfg.task_list())  # a --select naming no task or metric fails before any work
+        check_training(model_cfg, train_cfg)  # a --select or --weighting that does not fit fails before any work
         torch.manual_seed(train_cfg.seed)
         net = _build(model_cfg, code, source, weights)  # a bad stitch point or backbone fails here, before the data
         weightings.make(train_cfg.weighting, model_cfg.task_list(), train_cfg.seed).check(net)
@@ -183,7 +183,8 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
     console.print(f"{command}: {', '.join(f'{t} ({task.spec})' for t, task in kinds.items())} on {data_cfg.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
                   f"{model_cfg.backbone}, "
-                  + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else f"stitch {model_cfg.stitch}")
+                  + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else
+                     f"{'' if model_cfg.arch == 'cross-stitch' else model_cfg.arch + ', '}stitch {model_cfg.stitch}")
                   + f", {n_params:,} parameters "
                   f"({n_units:,} in units), device {device}", highlight=False)
     return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet or not main, None)
@@ -285,10 +286,25 @@ def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one, 
     return _finish_seeds(seeds, out, console, one)
 
 
+def check_training(model_cfg: ModelConfig | None, train_cfg: TrainConfig) -> None:
+    """The settings that depend on the tasks (--select, --weighting), checked before any folder is made."""
+    if model_cfg is None:
+        return
+    tasks = model_cfg.task_list()
+    selection(train_cfg, tasks)
+    weightings.make(train_cfg.weighting, tasks, train_cfg.seed)
+    if train_cfg.deterministic and train_cfg.device != "cpu" and torch.cuda.is_available() and \
+            any(t.dense for t in tasks.values()):
+        raise UsageError("--deterministic with per-pixel tasks on CUDA: PyTorch has no deterministic backward for "
+                         "bilinear upsampling and per-pixel cross-entropy there; leave --deterministic out, or "
+                         "train with --device cpu")
+
+
 def pretrain(task: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
              console: Console, quiet: bool = False, force: bool = False, weights: Path | None = None,
              seeds: list[int] | None = None, code: tuple[str, ...] = ()) -> Path:
     """One single-task column: what the paper initialises each column of a cross-stitch net from."""
+    check_training(model_cfg, train_cfg)
     if seeds:
         return over_seeds(seeds, out, force, console, lambda seed, folder: pretrain(
             task, data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet, weights=weights,
@@ -310,6 +326,7 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
         missing = [s for s in seeds if s not in sources]
         if missing:
             raise UsageError(f"{from_run} has no seed {', '.join(map(str, missing))} (it has {', '.join(map(str, sources))})")
+    check_training(model_cfg, train_cfg)
     if seeds:
         return over_seeds(seeds, out, force, console, lambda seed, folder: train(
             data_cfg, model_cfg, replace(train_cfg, seed=seed), folder, console, quiet,
@@ -389,6 +406,8 @@ def _check_last(last: dict, path: Path) -> dict:
         hint = " (it looks like a copy of model.pt)" if "epoch" in last and "position" not in last else ""
         raise CsnetError(f"{path}: not a training checkpoint: no {', '.join(missing)}{hint}")
     position, best = last["position"], last["best"]
+    if "val_score" not in best and "val_accuracy" in best:  # an older csnet's name for the same number
+        best["val_score"] = best.pop("val_accuracy")
     whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
     if not (whole(position.get("epoch"), 1) and whole(position.get("step"), 0)
             and whole(position.get("world_size", 1), 1)):
@@ -518,7 +537,8 @@ def _resume_group(group: Path, console: Console, *, epochs: int | None, device: 
 
 def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: Path,
            tasks: list[str] | None = None, force: bool = False, unit_mode: str = "channel",
-           unit_init: str = "alpha-beta", code: tuple[str, ...] = ()) -> Path:
+           unit_init: str = "alpha-beta", code: tuple[str, ...] = (), arch: str = "cross-stitch",
+           subspaces: int = 2) -> Path:
     """Build a cross-stitch network whose columns start from single-task runs ("pretrain, then stitch",
     the initialisation the paper prefers, section 4). Saves it as a run folder; no training."""
     if len(sources) < 2:
@@ -532,19 +552,19 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
         if not common:
             raise UsageError(f"the --seeds folders {', '.join(map(str, sources))} share no seed")
         return over_seeds_stitch(common, members, out, force, stitch=stitch, alpha=alpha, beta=beta, tasks=tasks,
-                                 unit_mode=unit_mode, unit_init=unit_init, code=code)
+                                 unit_mode=unit_mode, unit_init=unit_init, code=code, arch=arch, subspaces=subspaces)
     runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
     for src, (cfg, _, _) in zip(sources, loaded):
-        if len(cfg.tasks) != 1 or cfg.arch != "cross-stitch":
+        if len(cfg.tasks) != 1 or cfg.arch not in ("cross-stitch", "independent"):
             raise UsageError(f"{src} has {len(cfg.tasks)} task(s) ({', '.join(cfg.tasks)}, arch {cfg.arch}); "
                              "stitch takes single-task pretrain runs")
         check_code(cfg, code, src)
     first_arch = loaded[0][0].column_arch()
     for src, (cfg, _, _) in zip(sources[1:], loaded[1:]):
-        arch = cfg.column_arch()
-        diff = [f"{k} {first_arch.get(k)} vs {arch.get(k)}" for k in sorted(set(first_arch) | set(arch))
-                if first_arch.get(k) != arch.get(k)]
+        theirs = cfg.column_arch()
+        diff = [f"{k} {first_arch.get(k)} vs {theirs.get(k)}" for k in sorted(set(first_arch) | set(theirs))
+                if first_arch.get(k) != theirs.get(k)]
         if diff:
             raise UsageError(f"columns differ: {sources[0]} and {src} have {'; '.join(diff)}")
     data_cfgs = [runio.section(runio.read_config(s), "data", s, optional=True) for s in sources]
@@ -558,6 +578,7 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
                             kinds=tuple(next(iter(c.task_list().values())).spec for c, _, _ in loaded),
                             target_stats=tuple(next(iter(c.task_list().values())).stats for c, _, _ in loaded),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
+                            arch=arch, subspaces=subspaces,
                             **loaded[0][0].column_arch())
     net = _build(model_cfg, code, sources[0], fast=False)
     for src, name, (cfg, state, _) in zip(sources, names, loaded):

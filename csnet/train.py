@@ -90,6 +90,8 @@ class TrainConfig:
         if not isinstance(self.weighting, str) or not self.weighting:
             raise UsageError("--weighting is empty")
         weightings.check_name(self.weighting)
+        if self.freeze_columns and self.weighting.partition(":")[0] == "gradnorm":
+            raise UsageError("--weighting gradnorm measures gradients in the columns, which --freeze-columns freezes")
         if self.select is not None and not (isinstance(self.select, str) and self.select.count(":") == 1
                                             and all(self.select.split(":"))):
             raise UsageError(f"--select takes TASK:METRIC (e.g. depth:abs_err), got {self.select!r}")
@@ -319,11 +321,14 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
                              start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
-        losses = {}
+        if weighting.per_task_gradients and w.active:
+            distributed.broadcast_buffers(net)  # what DDP's forward does: every rank runs rank 0's statistics
+        losses, present = {}, {}
         for task, out in forward(x).items():
             loss_sum, n, stats = tasks[task].terms(out, labels[task])
             tally.add(task, loss_sum, n, stats)
             losses[task] = loss_sum / n.clamp_min(1)
+            present[task] = (n > 0).to(loss_sum.dtype)
         loss = sum(losses.values())
         # decided by all ranks together: one rank stopping alone would leave the others in a collective
         if distributed.any_(not bool(torch.isfinite(loss)), device):
@@ -332,7 +337,7 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
             raise NonFiniteLoss(f"training loss became {losses[bad]} at epoch {epoch}, step {step}"
                                 f"{f' on rank {bad}' if w.active else ''}; try a lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
-        weighting.backward(losses, net)
+        weighting.backward(losses, net, present)
         if weighting.per_task_gradients:  # computed outside DDP's hooks: average them here
             distributed.average_gradients([p for g in opt.param_groups for p in g["params"]])
         opt.step()
@@ -372,7 +377,7 @@ def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, spe
                 tasks: dict[str, Task]) -> str:
     primaries = " ".join(f"{t} {task.primary} {val[t][task.primary]:.4f}" for t, task in tasks.items())
     return (
-        f"epoch {epoch}/{epochs}  train loss {train['total']['loss']:.4f}  "
+        f"epoch {epoch}/{epochs}  train loss (sum) {train['total']['loss']:.4f}  "
         f"val {primaries} (score {val['mean']['score']:.4f})  "
         f"test score {test['mean']['score']:.4f}  {speed:,.0f} ex/s"
     )

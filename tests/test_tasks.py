@@ -226,3 +226,11 @@ def test_many_classes_train_when_the_kind_is_given(cli, tmp_path):
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["num_classes"] == [150]
     assert not math.isnan(pd.read_csv(tmp_path / "r" / "metrics.csv").value.iloc[0])
+
+
+def test_r2_leaves_out_an_output_whose_targets_do_not_vary():
+    task = tasks_lib.make("v", "regression", 2, stats=([0.0, 0.0], [1.0, 1.0]))
+    y = torch.stack([torch.arange(6.0), torch.full((6,), 3.0)], 1)  # the second output is constant
+    out = y + 0.5
+    r = result(task, out, y)
+    assert r["r2"] == pytest.approx(1 - 6 * 0.25 / 17.5)  # the first output's R² alone, not NaN

@@ -198,3 +198,66 @@ def test_uncertainty_under_torchrun_keeps_one_log_variance_per_task_on_every_ran
     assert done.returncode == 0, done.stderr
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["log_var"] for r in (0, 1))
     assert torch.equal(r0, r1) and not torch.equal(r0, torch.zeros(2))
+
+
+# ---------------------------------------------------------------- what a review found
+
+
+def test_pcgrad_gradients_are_laid_out_like_channels_last_weights():
+    """Fused Adam reads a weight and its gradient as flat memory: they must share a layout."""
+    net = nn.ModuleDict({"conv": nn.Conv2d(2, 4, 3), "a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    net.to(memory_format=torch.channels_last)
+    h = net["conv"](torch.randn(2, 2, 5, 5).contiguous(memory_format=torch.channels_last)).mean((2, 3))
+    weightings.make("pcgrad", TWO).backward({"a": net["a"](h).sum(), "b": net["b"](h).sum()}, net)
+    w = net["conv"].weight
+    assert w.grad.stride() == w.stride()
+    before = w.detach().clone()
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    opt.step()
+    plain = before - 0.1 * torch.sign(w.grad)  # Adam's first step moves each weight by lr against its gradient
+    assert torch.allclose(w.detach(), plain, atol=1e-4)
+
+
+def test_dwa_keeps_its_history_on_the_weighting_device():
+    d = weightings.make("dwa", TWO).to("meta")
+    d.epoch_end({"a": 1.0, "b": 2.0})
+    assert d.history.device.type == "meta"
+
+
+def test_uncertainty_adds_no_regulariser_for_a_task_without_labels_in_the_batch():
+    u = weightings.make("uncertainty", TWO)
+    with torch.no_grad():
+        u.log_var.copy_(torch.tensor([0.3, 0.0]))
+    zero = torch.tensor(0.0)
+    got = u.combine({"a": zero, "b": torch.tensor(1.0)}, {"a": zero, "b": torch.tensor(1.0)})
+    assert got.item() == pytest.approx(0.5 * 1.0)  # a contributes nothing: no labels, no s_a term
+
+
+def test_gradnorm_takes_each_tasks_first_loss_from_a_batch_with_labels():
+    g = weightings.make("gradnorm", TWO)
+    shared = nn.Linear(2, 2)
+    heads = nn.ModuleDict({"a": nn.Linear(2, 1), "b": nn.Linear(2, 1)})
+
+    class Net(nn.Module):
+        def shared_parameters(self):
+            return list(shared.parameters())
+
+    x = torch.randn(3, 2)
+    h = shared(x)
+    losses = {"a": heads["a"](h).pow(2).mean(), "b": heads["b"](h).pow(2).mean() * 0}
+    g.backward(losses, Net(), {"a": torch.tensor(1.0), "b": torch.tensor(0.0)})
+    assert not torch.isnan(g.initial[0]) and torch.isnan(g.initial[1])  # b had no labels: no L_b(0) yet
+    assert torch.equal(g.task_weight.grad, torch.zeros(2))  # one task alone: nothing to balance
+
+
+def test_gradnorm_refuses_frozen_columns(cli, data_root, tmp_path):
+    code, _, err = cli("train", "--data-root", data_root, *SMALL, "--freeze-columns", "--weighting", "gradnorm",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "gradnorm measures gradients in the columns, which --freeze-columns freezes" in err
+
+
+def test_a_bad_weighting_with_seeds_writes_no_folder(cli, data_root, tmp_path):
+    code, _, err = cli("train", "--data-root", data_root, *SMALL, "--seeds", "0,1", "--weighting", "fixed:body=1",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "no task 'body' in this run" in err
+    assert not (tmp_path / "r").exists()

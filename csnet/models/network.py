@@ -20,10 +20,29 @@ from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
 from csnet.models.backbones import TORCHVISION, as_column, custom_column, is_custom, torchvision_column
 from csnet.models.columns import Column, DenseHead
-from csnet.models.unit import INITS, MODES, CrossStitchUnit
+from csnet.models.nddr import NDDRLayer
+from csnet.models.sluice import SluiceReadout, SluiceUnit
+from csnet.models.unit import INITS, MODES, CrossStitchUnit, init_values
 
 BACKBONES = ("convnet", "fcn", "mlp", *TORCHVISION)
-ARCHS = ("cross-stitch", "shared")
+
+
+def _cross_stitch(n_tasks: int, width: int | None, mode: str, alpha: float, beta: float, init: str, subspaces: int):
+    return CrossStitchUnit(n_tasks, width if mode == "channel" else None, mode, alpha, beta, init)
+
+
+def _nddr(n_tasks, width, mode, alpha, beta, init, subspaces):
+    return NDDRLayer(n_tasks, width, *init_values(n_tasks, init, alpha, beta))
+
+
+def _sluice(n_tasks, width, mode, alpha, beta, init, subspaces):
+    return SluiceUnit(n_tasks, width, subspaces, *init_values(n_tasks, init, alpha, beta))
+
+
+# How columns are mixed at a point, by --arch: each builder makes the module for one stitch point.
+MIXERS = {"cross-stitch": _cross_stitch, "nddr": _nddr, "sluice": _sluice}
+# Networks without mixers: columns side by side (the independent baseline), hard sharing.
+ARCHS = (*MIXERS, "independent", "shared")
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_SIZE = 2 ** 31 - 1  # torch's kernels index a dimension with 32-bit integers in places
 # Named placements of the Fashion convnet. The paper places units after pooling and
@@ -51,7 +70,10 @@ class ModelConfig:
     kinds: tuple[str, ...] = ()
     target_stats: tuple[typing.Any, ...] = ()
     backbone: str = "convnet"
-    arch: str = "cross-stitch"  # or "shared": hard parameter sharing up to share_until, then a branch per task
+    # cross-stitch, nddr, sluice (columns mixed at the stitch points), independent (no mixing), or shared:
+    # hard parameter sharing up to share_until, then a branch per task
+    arch: str = "cross-stitch"
+    subspaces: int = 2  # sluice: subspaces per layer (Ruder et al. use 2)
     share_until: str | None = None
     stitch: str = "all"
     unit_mode: str = "channel"
@@ -89,8 +111,12 @@ class ModelConfig:
             raise UsageError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         if self.arch == "shared" and not self.share_until:
             raise UsageError("--arch shared needs --share-until STAGE (e.g. pool2 for the convnet)")
-        if self.arch == "shared" and self.stitch != "none":
-            raise UsageError("--arch shared has no cross-stitch units; leave --stitch out")
+        if self.arch in ("shared", "independent") and self.stitch != "none":
+            raise UsageError(f"--arch {self.arch} has no units; leave --stitch out")
+        if self.arch in ("nddr", "sluice") and self.unit_mode != "channel":
+            raise UsageError(f"--unit-mode applies to --arch cross-stitch; {self.arch} mixes per channel")
+        if not 1 <= self.subspaces <= MAX_SIZE:
+            raise UsageError(f"--subspaces must be at least 1, got {self.subspaces}")
         if self.unit_mode not in MODES:
             raise UsageError(f"unknown --unit-mode {self.unit_mode!r}; valid: {', '.join(MODES)}")
         if self.unit_init not in INITS:
@@ -229,7 +255,7 @@ class CrossStitchNet(nn.Module):
     """
 
     def __init__(self, columns: dict[str, Column], points: list[str], alpha: float = 0.9, beta: float = 0.1,
-                 mode: str = "channel", init: str = "alpha-beta"):
+                 mode: str = "channel", init: str = "alpha-beta", mixer: str = "cross-stitch", subspaces: int = 2):
         super().__init__()
         self.columns = nn.ModuleDict(columns)
         first_task, first = next(iter(columns.items()))
@@ -241,18 +267,28 @@ class CrossStitchNet(nn.Module):
         unknown = [p for p in points if p not in self.stage_names]
         if unknown:
             raise UsageError(f"unknown stitch point(s) {', '.join(unknown)}; valid: {', '.join(self.stage_names)}")
+        if mixer not in MIXERS:
+            raise UsageError(f"unknown mixer {mixer!r}; valid: {', '.join(MIXERS)}")
         units = {}
         for p in points:
             widths = {t: c.channels.get(p) for t, c in columns.items()}
             if mode == "channel" and None in widths.values():
                 raise UsageError(f"cannot tell how many channels stage {p} outputs (it has no conv, linear or "
-                                 "norm layer of its own); stitch after a stage that has one, or use --unit-mode "
-                                 "layer or dense")
+                                 "norm layer of its own); stitch after a stage that has one"
+                                 + (", or use --unit-mode layer or dense" if mixer == "cross-stitch" else ""))
             if mode == "channel" and len(set(widths.values())) > 1:
-                raise UsageError(f"columns differ at stitch point {p}: channels {widths}")
-            units[p] = CrossStitchUnit(len(columns), widths[first_task] if mode == "channel" else None, mode,
-                                       alpha, beta, init)
+                raise UsageError(f"columns differ at stitch point {p}: channels {widths}"
+                                 + (f" ({mixer} needs the same width in every column)" if mixer != "cross-stitch"
+                                    else ""))
+            if mixer == "sluice" and widths[first_task] % subspaces:
+                raise UsageError(f"--subspaces {subspaces} does not divide the {widths[first_task]} channels of stitch "
+                                 f"point {p}")
+            units[p] = MIXERS[mixer](len(columns), widths[first_task], mode, alpha, beta, init, subspaces)
         self.units = nn.ModuleDict(units)
+        self.mixer = mixer
+        # sluice's layer-skip weights, over the mixed layers and the last stage (Ruder et al.'s beta)
+        self.readout = SluiceReadout(len(columns), list(dict.fromkeys([*points, self.stage_names[-1]]))) \
+            if mixer == "sluice" and points else None
 
     @property
     def tasks(self) -> list[str]:
@@ -262,6 +298,8 @@ class CrossStitchNet(nn.Module):
         """Every column's output after the last stage, and the (mixed) stage outputs their heads tap."""
         cols = list(self.columns.values())
         taps = {t for col in cols for t in col.taps}
+        if self.readout is not None:
+            taps |= set(self.readout.layers)
         xs = [x] * len(cols)
         kept = [{"input": x} for _ in cols]
         for name in self.stage_names:
@@ -271,6 +309,8 @@ class CrossStitchNet(nn.Module):
             if name in taps:
                 for k, h in enumerate(xs):
                     kept[k][name] = h
+        if self.readout is not None:
+            xs = [self.readout(k, kept[k]) for k in range(len(cols))]
         return xs, kept
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -285,7 +325,8 @@ class CrossStitchNet(nn.Module):
         return out
 
     def unit_parameters(self) -> list[nn.Parameter]:
-        return list(self.units.parameters())
+        """The mixing parameters (units, NDDR layers, sluice's alpha and beta): their own learning-rate group."""
+        return list(self.units.parameters()) + (list(self.readout.parameters()) if self.readout is not None else [])
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The last mixed layer: every column's stage at the last stitch point, which every task's loss
@@ -319,9 +360,11 @@ def count_macs(net: nn.Module, example: torch.Tensor) -> int:
         elif isinstance(module, CrossStitchUnit):
             per_task = output[0].numel()
             total += module.n_tasks * per_task * (module.n_tasks * per_task if module.mode == "dense" else module.n_tasks)
+        elif hasattr(module, "macs"):  # other mixers say what they cost
+            total += module.macs(output)
 
     handles = [m.register_forward_hook(hook) for m in net.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, CrossStitchUnit))]
+               if isinstance(m, (nn.Conv2d, nn.Linear, CrossStitchUnit, NDDRLayer, SluiceUnit))]
     was_training = net.training
     try:
         with torch.no_grad():
@@ -334,8 +377,10 @@ def count_macs(net: nn.Module, example: torch.Tensor) -> int:
 
 
 def stitch(columns: dict[str, nn.Module], *, mode: str = "channel", alpha: float = 0.9, beta: float = 0.1,
-           init: str = "alpha-beta", points: list[str] | None = None) -> CrossStitchNet:
-    """Stitch one network per task into a cross-stitch network.
+           init: str = "alpha-beta", points: list[str] | None = None, mixer: str = "cross-stitch",
+           subspaces: int = 2) -> CrossStitchNet:
+    """Stitch one network per task into a cross-stitch network (``mixer="nddr"`` or ``"sluice"``: NDDR
+    layers or sluice units at the same points instead of cross-stitch units).
 
     ``columns`` may be csnet columns, torchvision ResNets or VGGs, ``nn.Sequential``s, or
     any module whose forward applies its top-level children in order (the last one the
@@ -349,7 +394,7 @@ def stitch(columns: dict[str, nn.Module], *, mode: str = "channel", alpha: float
         raise UsageError("stitch needs at least two columns")
     cols = {task: as_column(m) for task, m in columns.items()}
     chosen = list(points) if points is not None else next(iter(cols.values())).default_points
-    return CrossStitchNet(cols, chosen, alpha, beta, mode, init)
+    return CrossStitchNet(cols, chosen, alpha, beta, mode, init, mixer, subspaces)
 
 
 class SharedNet(nn.Module):
@@ -410,7 +455,7 @@ def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchN
         net = SharedNet(columns, cfg.share_until)
     else:
         net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
-                             cfg.unit_init)
+                             cfg.unit_init, cfg.arch if cfg.arch in MIXERS else "cross-stitch", cfg.subspaces)
     shape = (cfg.in_features,) if cfg.in_features else (cfg.in_channels, cfg.image_size, cfg.image_size)
     example = torch.zeros(2, *shape)
     if cfg.arch != "shared":

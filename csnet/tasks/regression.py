@@ -46,9 +46,9 @@ class Regression(Task):
             return dict.fromkeys(self.metrics, math.nan)
         n, abs_sum, sq_sum, c_sum, c_sq = (v[has] for v in (n, abs_sum, sq_sum, c_sum, c_sq))
         total = c_sq - c_sum * c_sum / n  # Σ (y - ȳ)² over the evaluated targets
-        r2 = torch.where(total > 0, 1 - sq_sum / total.clamp_min(1e-300), torch.full_like(total, math.nan))
-        return {"mae": float((abs_sum / n).mean()), "rmse": float((sq_sum / n).sqrt().mean()),
-                "r2": float(r2.mean())}
+        varies = total > 0  # R² of an output whose targets do not vary is undefined: left out of the mean
+        r2 = (1 - sq_sum[varies] / total[varies]).mean() if bool(varies.any()) else math.nan
+        return {"mae": float((abs_sum / n).mean()), "rmse": float((sq_sum / n).sqrt().mean()), "r2": float(r2)}
 
     def statistics(self, y: torch.Tensor) -> tuple[list[float], list[float]]:
         """Per output, mean and standard deviation of the labelled training targets (std 1 where they do

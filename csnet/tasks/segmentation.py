@@ -25,7 +25,7 @@ class Segmentation(Task):
         return 1 + 3 * self.size
 
     def _terms(self, out, y):
-        y = y.long()
+        y = y.reshape(out.shape[0], *out.shape[2:]).long()  # (N, H, W), also from (N, 1, H, W) maps
         keep = (y >= 0) & (y != IGNORE) & (y < self.size)
         y = torch.where(keep, y, torch.full_like(y, -1))
         loss_sum = F.cross_entropy(out, y, reduction="sum", ignore_index=-1)

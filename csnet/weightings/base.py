@@ -45,12 +45,14 @@ class Weighting(nn.Module):
         """The weight each task's loss has now (logged each epoch as ``loss_weight``)."""
         return dict.fromkeys(self.task_names, 1.0)
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def combine(self, losses: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``present[t]``: 1.0 where the batch had labels for task t (its loss is then a real mean), else 0.0."""
         w = self.weights()
         return sum(w[t] * loss for t, loss in losses.items())
 
-    def backward(self, losses: dict[str, torch.Tensor], net: nn.Module) -> None:
-        self.combine(losses).backward()
+    def backward(self, losses: dict[str, torch.Tensor], net: nn.Module,
+                 present: dict[str, torch.Tensor] | None = None) -> None:
+        self.combine(losses, present).backward()
 
     def epoch_end(self, losses: dict[str, float]) -> None:
         """Called with each task's mean training loss after every epoch."""

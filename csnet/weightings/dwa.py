@@ -39,5 +39,5 @@ class DWA(Weighting):
         return dict(zip(self.task_names, w.tolist()))
 
     def epoch_end(self, losses):
-        latest = torch.tensor([losses[t] for t in self.task_names], dtype=torch.float64)
+        latest = torch.tensor([losses[t] for t in self.task_names], dtype=torch.float64, device=self.history.device)
         self.history.copy_(torch.stack([self.history[1], latest]))

@@ -6,5 +6,5 @@ from csnet.weightings.base import Weighting
 class Equal(Weighting):
     name = "equal"
 
-    def combine(self, losses):
+    def combine(self, losses, present=None):
         return sum(losses.values())

@@ -48,16 +48,34 @@ class GradNorm(Weighting):
     def weights(self):
         return dict(zip(self.task_names, self.task_weight.detach().tolist()))
 
-    def backward(self, losses, net):
+    def backward(self, losses, net, present=None):
         shared = net.shared_parameters()
         loss = torch.stack([losses[t] for t in self.task_names])
+        has = torch.stack([present[t] for t in self.task_names]) if present is not None else torch.ones_like(loss)
         if bool(torch.isnan(self.initial).any()):
-            self.initial.copy_(loss.detach())
+            self._first_losses(loss.detach(), has)
+        # tasks without labels in this batch, or still without a first loss, sit this update out
+        use = (has > 0) & ~torch.isnan(self.initial)
         norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             loss[i], shared, retain_graph=True, allow_unused=True) if g is not None]).norm()
-            for i in range(len(loss))]).detach()
-        self.task_weight.grad = gradnorm_grad(self.task_weight, norms, loss.detach() / self.initial, self.alpha)
+            if bool(use[i]) else loss.new_zeros(()) for i in range(len(loss))]).detach()
+        grad = torch.zeros_like(self.task_weight)
+        if int(use.sum()) >= 2:
+            idx = use.nonzero().squeeze(1)
+            grad[idx] = gradnorm_grad(self.task_weight[idx], norms[idx], loss.detach()[idx] / self.initial[idx],
+                                      self.alpha)
+        self.task_weight.grad = grad
         (self.task_weight.detach() * loss).sum().backward()
+
+    def _first_losses(self, loss: torch.Tensor, has: torch.Tensor) -> None:
+        """L_i(0): each task's loss in its first batch with labels, averaged over the processes that had
+        labels there (under torchrun every rank ends with the same values)."""
+        from csnet import distributed
+
+        total = torch.stack([loss * has, has])
+        distributed.sum_(total)
+        fresh = torch.isnan(self.initial) & (total[1] > 0)
+        self.initial[fresh] = (total[0] / total[1].clamp_min(1))[fresh].to(self.initial.dtype)
 
     def after_step(self):
         with torch.no_grad():

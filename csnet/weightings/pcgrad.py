@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from csnet.settings import MAX_SEED
 from csnet.weightings.base import Weighting, needs_tasks
 
 
@@ -22,7 +23,8 @@ class PCGrad(Weighting):
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)
         needs_tasks(self.name, tasks)
-        self.generator = torch.Generator().manual_seed(seed)
+        # its own stream, apart from the batch order's generator that the run's seed also starts
+        self.generator = torch.Generator().manual_seed((seed * 7919 + 104_729) % MAX_SEED)
 
     def get_extra_state(self):
         return {"generator": self.generator.get_state()}
@@ -30,7 +32,7 @@ class PCGrad(Weighting):
     def set_extra_state(self, state):
         self.generator.set_state(state["generator"])
 
-    def backward(self, losses, net):
+    def backward(self, losses, net, present=None):
         params = [p for p in net.parameters() if p.requires_grad]
         grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses.values()]
         reached = [sum(g[k] is not None for g in grads) for k in range(len(params))]
@@ -42,11 +44,10 @@ class PCGrad(Weighting):
         sizes = [params[k].numel() for k in shared]
         pieces = dict(zip(shared, flat.sum(0).split(sizes))) if flat is not None else {}
         for k, p in enumerate(params):
-            if k in pieces:
-                p.grad = pieces[k].view_as(p).clone()
-            else:
-                own = [g[k] for g in grads if g[k] is not None]
-                p.grad = own[0].clone() if own else None
+            own = [g[k] for g in grads if g[k] is not None]
+            value = pieces[k].view(p.shape) if k in pieces else (own[0] if own else None)
+            # laid out like the parameter (a channels_last conv weight): fused optimizers read both as flat memory
+            p.grad = None if value is None else torch.empty_like(p).copy_(value)
 
 
 def project(g: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
