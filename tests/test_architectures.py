@@ -150,3 +150,19 @@ def test_an_architecture_without_units_refuses_stitch_points(cli, data_root, tmp
     code, _, err = cli("train", "--data-root", data_root, *SMALL, "--arch", "independent", "--stitch", "all",
                        "--out", tmp_path / "r")
     assert code == 2 and "--arch independent has no units; leave --stitch out" in err
+
+
+@pytest.mark.parametrize("extra", [["--arch", "sluice"], ["--weighting", "uncertainty"], ["--weighting", "pcgrad"]],
+                         ids=lambda a: a[1])
+def test_the_scene_benchmark_resumes_exactly_with_other_methods(cli, data_root, tmp_path, monkeypatch, extra):
+    from test_resume import signal_at, values
+
+    args = ["train", "--data-root", data_root, *SCENES, "--epochs", "2", *extra]
+    code, _, err = cli(*args, "--out", tmp_path / "ref")
+    assert code == 0, err
+    signal_at(monkeypatch, 3)  # epoch 2, step 1 of 2
+    assert cli(*args, "--out", tmp_path / "run")[0] == 130
+    monkeypatch.undo()
+    code, _, err = cli("train", "--resume", tmp_path / "run")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(values(tmp_path / "run"), values(tmp_path / "ref"))
