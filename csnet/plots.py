@@ -87,7 +87,8 @@ def curves(metrics: dict[str, pd.DataFrame], out_dir: Path, primary: dict[str, s
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = [test_metrics(metrics, out_dir / "test_metrics.png", primary),
                train_loss(metrics, out_dir / "train_loss.png")]
-    if any((df.metric == "loss_weight").any() for df in metrics.values()):
+    # drawn where a weighting moved the weights: the plain sum's are 1 throughout
+    if any(((df.metric == "loss_weight") & (df.value != 1)).any() for df in metrics.values()):
         figures.append(loss_weights(metrics, out_dir / "loss_weights.png"))
     return figures
 

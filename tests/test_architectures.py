@@ -117,17 +117,10 @@ def test_every_architecture_trains_the_fashion_pair_and_the_scenes(cli, data_roo
 
 @pytest.mark.parametrize("arch", ["nddr", "sluice"])
 def test_nddr_and_sluice_resume_exactly(cli, data_root, tmp_path, monkeypatch, arch):
-    from test_resume import signal_at, values
+    from test_resume import resumes_exactly
 
-    args = ["train", "--data-root", data_root, *SMALL, "--epochs", "2", "--arch", arch]
-    code, _, err = cli(*args, "--out", tmp_path / "ref")
-    assert code == 0, err
-    signal_at(monkeypatch, 6)
-    assert cli(*args, "--out", tmp_path / "run")[0] == 130
-    monkeypatch.undo()
-    code, _, err = cli("train", "--resume", tmp_path / "run")
-    assert code == 0, err
-    pd.testing.assert_frame_equal(values(tmp_path / "run"), values(tmp_path / "ref"))
+    resumes_exactly(cli, ["train", "--data-root", data_root, *SMALL, "--epochs", "2", "--arch", arch], tmp_path,
+                    monkeypatch, 6)
 
 
 def test_pretrained_columns_stitch_with_nddr_and_sluice(cli, data_root, tmp_path):
@@ -155,14 +148,7 @@ def test_an_architecture_without_units_refuses_stitch_points(cli, data_root, tmp
 @pytest.mark.parametrize("extra", [["--arch", "sluice"], ["--weighting", "uncertainty"], ["--weighting", "pcgrad"]],
                          ids=lambda a: a[1])
 def test_the_scene_benchmark_resumes_exactly_with_other_methods(cli, data_root, tmp_path, monkeypatch, extra):
-    from test_resume import signal_at, values
+    from test_resume import resumes_exactly
 
     args = ["train", "--data-root", data_root, *SCENES, "--epochs", "2", *extra]
-    code, _, err = cli(*args, "--out", tmp_path / "ref")
-    assert code == 0, err
-    signal_at(monkeypatch, 3)  # epoch 2, step 1 of 2
-    assert cli(*args, "--out", tmp_path / "run")[0] == 130
-    monkeypatch.undo()
-    code, _, err = cli("train", "--resume", tmp_path / "run")
-    assert code == 0, err
-    pd.testing.assert_frame_equal(values(tmp_path / "run"), values(tmp_path / "ref"))
+    resumes_exactly(cli, args, tmp_path, monkeypatch, 3)  # epoch 2, step 1 of 2

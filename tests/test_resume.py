@@ -48,6 +48,20 @@ def signal_at(monkeypatch, global_step, signals=(signal.SIGINT,), on_send=None):
     monkeypatch.setattr(RichReporter, "step", step)
 
 
+def resumes_exactly(cli, args, tmp_path, monkeypatch, step):
+    """Run ``args`` to the end, then again stopped by SIGINT after ``step`` steps and resumed: the two
+    metrics.csv files must agree (timings aside)."""
+    code, _, err = cli(*args, "--out", tmp_path / "ref")
+    assert code == 0, err
+    signal_at(monkeypatch, step)
+    code, _, err = cli(*args, "--out", tmp_path / "run")
+    assert code == 130, err
+    monkeypatch.undo()
+    code, _, err = cli("train", "--resume", tmp_path / "run")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(values(tmp_path / "run"), values(tmp_path / "ref"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 2-epoch run."""

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_dataset, synthetic_images, write_idx
 from csnet import data as data_lib
-from test_resume import signal_at, values
+from test_resume import resumes_exactly
 
 SCENES = ["--dataset", "fashion-scenes", "--train-size", "96", "--val-size", "32", "--test-size", "48",
           "--batch-size", "32", "--quiet", "--device", "cpu"]
@@ -106,15 +106,7 @@ def test_compare_uses_the_primary_metrics_and_delta_m_against_the_references(run
 def test_a_dense_run_resumes_exactly(runs, cli, tmp_path, monkeypatch):
     root, _ = runs
     args = ["train", "--data-root", root, *SCENES, "--tasks", "segment,count", "--epochs", "2"]
-    code, _, err = cli(*args, "--out", tmp_path / "ref")
-    assert code == 0, err
-    signal_at(monkeypatch, 4)  # epoch 2, step 1 of 3
-    code, _, err = cli(*args, "--out", tmp_path / "run")
-    assert code == 130, err
-    monkeypatch.undo()
-    code, _, err = cli("train", "--resume", tmp_path / "run")
-    assert code == 0, err
-    pd.testing.assert_frame_equal(values(tmp_path / "run"), values(tmp_path / "ref"))
+    resumes_exactly(cli, args, tmp_path, monkeypatch, 4)  # epoch 2, step 1 of 3
 
 
 def test_torchrun_trains_a_dense_run(runs, tmp_path):

@@ -133,6 +133,13 @@ def counts(values: torch.Tensor, keep: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.bincount(where.reshape(-1), minlength=bins + 1)[:bins]
 
 
+def confusion_sums(pred: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, size: int) -> torch.Tensor:
+    """[right predictions, per class: right predictions, predictions, labels], over the labelled ``keep``:
+    what accuracy, macro-F1 and IoU are computed from."""
+    hit = keep & (pred == y)
+    return torch.cat([hit.sum().view(1), counts(y, hit, size), counts(pred, keep, size), counts(y, keep, size)])
+
+
 def macro_mean(values: torch.Tensor, present: torch.Tensor) -> float:
     """Mean over the entries that are ``present`` (NaN when none is)."""
     return float(values[present].mean()) if bool(present.any()) else math.nan

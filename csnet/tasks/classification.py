@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from csnet.tasks.base import HIGHER, Task, counts, macro_mean
+from csnet.tasks.base import HIGHER, Task, confusion_sums, macro_mean
 
 MISSING = -1  # a sample without a label
 
@@ -25,11 +24,7 @@ class Classification(Task):
     def _terms(self, out, y):
         keep = y != MISSING
         loss_sum = F.cross_entropy(out, y, reduction="sum", ignore_index=MISSING)
-        pred = out.argmax(1)
-        hit = keep & (pred == y)
-        sums = torch.cat([hit.sum().view(1), counts(y, hit, self.size), counts(pred, keep, self.size),
-                          counts(y, keep, self.size)])
-        return loss_sum, keep.sum(), sums.double()
+        return loss_sum, keep.sum(), confusion_sums(out.argmax(1), y, keep, self.size).double()
 
     def _metrics(self, s):
         c = self.size

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from csnet.tasks.base import HIGHER, Task, counts, macro_mean
+from csnet.tasks.base import HIGHER, Task, confusion_sums, macro_mean
 
 IGNORE = 255  # an unlabelled pixel in uint8 maps (the Cityscapes and PASCAL convention); -1 in wider ints
 
@@ -29,11 +29,7 @@ class Segmentation(Task):
         keep = (y >= 0) & (y != IGNORE) & (y < self.size)
         y = torch.where(keep, y, torch.full_like(y, -1))
         loss_sum = F.cross_entropy(out, y, reduction="sum", ignore_index=-1)
-        pred = out.argmax(1)
-        hit = keep & (pred == y)
-        sums = torch.cat([hit.sum().view(1), counts(y, hit, self.size), counts(pred, keep, self.size),
-                          counts(y, keep, self.size)])
-        return loss_sum, keep.sum(), sums.double()
+        return loss_sum, keep.sum(), confusion_sums(out.argmax(1), y, keep, self.size).double()
 
     def _metrics(self, s):
         c = self.size

@@ -61,6 +61,22 @@ class Weighting(nn.Module):
         """Called after every optimizer step."""
 
 
+def number_option(name: str, option: str | None, default: float, what: str, positive: bool) -> float:
+    """A weighting's numeric option (``dwa:3``): finite, and positive or at least 0."""
+    import math
+
+    if option is None:
+        return default
+    try:
+        value = float(option)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise UsageError(f"--weighting {name}:{option}: {what} must be a {'positive' if positive else 'finite'} "
+                         f"number{'' if positive else ', 0 or more'}")
+    return value
+
+
 def needs_tasks(name: str, tasks: dict, at_least: int = 2) -> None:
     if len(tasks) < at_least:
         raise UsageError(f"--weighting {name} balances several tasks; this run has {len(tasks)}")

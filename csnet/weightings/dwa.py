@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from csnet.errors import UsageError
-from csnet.weightings.base import Weighting, needs_tasks
+from csnet.weightings.base import Weighting, needs_tasks, number_option
 
 
 class DWA(Weighting):
@@ -22,12 +21,7 @@ class DWA(Weighting):
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)
         needs_tasks(self.name, tasks)
-        try:
-            self.temperature = float(option) if option is not None else 2.0
-        except ValueError:
-            raise UsageError(f"--weighting dwa:{option}: the temperature must be a number") from None
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise UsageError(f"--weighting dwa:{option}: the temperature must be a positive number")
+        self.temperature = number_option(self.name, option, 2.0, "the temperature", positive=True)
         # the last two epochs' mean losses, older first (NaN: not seen yet); saved with the training state
         self.register_buffer("history", torch.full((2, len(tasks)), math.nan, dtype=torch.float64))
 

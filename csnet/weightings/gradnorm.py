@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from csnet.errors import UsageError
-from csnet.weightings.base import Weighting, needs_tasks
+from csnet.weightings.base import Weighting, needs_tasks, number_option
 
 
 class GradNorm(Weighting):
@@ -31,12 +31,7 @@ class GradNorm(Weighting):
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)
         needs_tasks(self.name, tasks)
-        try:
-            self.alpha = float(option) if option is not None else 1.5
-        except ValueError:
-            raise UsageError(f"--weighting gradnorm:{option}: α must be a number") from None
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise UsageError(f"--weighting gradnorm:{option}: α must be a finite number, 0 or more")
+        self.alpha = number_option(self.name, option, 1.5, "α", positive=False)
         self.task_weight = nn.Parameter(torch.ones(len(tasks)))
         self.register_buffer("initial", torch.full((len(tasks),), math.nan))  # L_i(0): the first step's losses
 
