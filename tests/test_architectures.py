@@ -115,14 +115,6 @@ def test_every_architecture_trains_the_fashion_pair_and_the_scenes(cli, data_roo
         assert (tmp_path / "f" / "plots" / "alpha_heatmap.png").is_file()
 
 
-@pytest.mark.parametrize("arch", ["nddr", "sluice"])
-def test_nddr_and_sluice_resume_exactly(cli, data_root, tmp_path, monkeypatch, arch):
-    from test_resume import resumes_exactly
-
-    resumes_exactly(cli, ["train", "--data-root", data_root, *SMALL, "--epochs", "2", "--arch", arch], tmp_path,
-                    monkeypatch, 6)
-
-
 def test_pretrained_columns_stitch_with_nddr_and_sluice(cli, data_root, tmp_path):
     for task in ("fine", "coarse"):
         assert cli("pretrain", "--task", task, "--data-root", data_root, *SMALL, "--out", tmp_path / task)[0] == 0
@@ -145,10 +137,23 @@ def test_an_architecture_without_units_refuses_stitch_points(cli, data_root, tmp
     assert code == 2 and "--arch independent has no units; leave --stitch out" in err
 
 
-@pytest.mark.parametrize("extra", [["--arch", "sluice"], ["--weighting", "uncertainty"], ["--weighting", "pcgrad"]],
-                         ids=lambda a: a[1])
-def test_the_scene_benchmark_resumes_exactly_with_other_methods(cli, data_root, tmp_path, monkeypatch, extra):
+# Every weighting with cross-stitch units and every architecture with the plain sum: stopped mid-epoch by
+# SIGINT and resumed, each ends with the metrics of the run that was never stopped.
+METHODS = [["--weighting", w] for w in ("equal", "fixed:0=0.5", "uncertainty", "dwa", "gradnorm", "pcgrad")] + \
+    [["--arch", "independent"], ["--arch", "shared", "--share-until", "SHARED"], ["--arch", "nddr"],
+     ["--arch", "sluice"]]
+
+
+@pytest.mark.parametrize("data", ["fashion", pytest.param("scenes", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m[1].split(":")[0])
+def test_every_method_resumes_exactly(cli, data_root, tmp_path, monkeypatch, method, data):
     from test_resume import resumes_exactly
 
-    args = ["train", "--data-root", data_root, *SCENES, "--epochs", "2", *extra]
-    resumes_exactly(cli, args, tmp_path, monkeypatch, 3)  # epoch 2, step 1 of 2
+    first = "fine" if data == "fashion" else "segment"
+    method = [a.replace("SHARED", "pool2" if data == "fashion" else "pool3").replace("0=", f"{first}=")
+              for a in method]
+    if data == "fashion":  # 4 steps an epoch: stopped in epoch 3, after DWA has two epochs of history
+        args, step = ["train", "--data-root", data_root, *SMALL, "--epochs", "3", *method], 10
+    else:  # 2 steps an epoch: stopped in epoch 2
+        args, step = ["train", "--data-root", data_root, *SCENES, "--epochs", "2", *method], 3
+    resumes_exactly(cli, args, tmp_path, monkeypatch, step)

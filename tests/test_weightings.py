@@ -148,15 +148,6 @@ def test_every_weighting_trains_the_scene_benchmark(cli, data_root, tmp_path, we
     assert code == 0, err
 
 
-@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "pcgrad", "gradnorm"])
-def test_a_weighted_run_resumes_exactly(cli, data_root, tmp_path, monkeypatch, weighting):
-    from test_resume import resumes_exactly
-
-    args = ["train", "--data-root", data_root, *SMALL, "--epochs", "3", "--weighting", weighting]
-    # epoch 3, step 2 of 4: DWA's history of two epochs is in the checkpoint
-    resumes_exactly(cli, args, tmp_path, monkeypatch, 10)
-
-
 def test_gradnorm_needs_a_shared_layer_and_says_so_before_writing(cli, data_root, tmp_path):
     code, _, err = cli("train", "--data-root", data_root, *SMALL, "--stitch", "none", "--weighting", "gradnorm",
                        "--out", tmp_path / "r")
