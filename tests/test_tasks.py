@@ -234,3 +234,17 @@ def test_r2_leaves_out_an_output_whose_targets_do_not_vary():
     out = y + 0.5
     r = result(task, out, y)
     assert r["r2"] == pytest.approx(1 - 6 * 0.25 / 17.5)  # the first output's R² alone, not NaN
+
+
+def test_torchvision_segmentation_models_stitch_as_dense_columns():
+    import torchvision
+
+    torch.manual_seed(0)
+    models = [torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=c).eval()
+              for c in (3, 5)]
+    net = stitch({"a": models[0], "b": models[1]}, init="identity").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+        assert torch.equal(out["a"], models[0](x)["out"]) and torch.equal(out["b"], models[1](x)["out"])
+    assert out["b"].shape == (2, 5, 32, 32) and list(net.units) == ["layer1", "layer2", "layer3", "layer4"]
