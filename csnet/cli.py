@@ -47,7 +47,7 @@ _state = {"debug": False}
 _D, _T = DataConfig(), TrainConfig()
 
 DATASET_NAMES = ", ".join([*DATASETS, *EXTRA])
-Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, or csv:PATH (numeric features, label columns named by --tasks).")]
+Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), or folder:PATH (images and a labels.csv).")]
 DataRoot = Annotated[Optional[str], typer.Option(
     help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
 ValSize = Annotated[Optional[int], typer.Option(
@@ -58,6 +58,8 @@ Starve = Annotated[Optional[list[str]], typer.Option(
 LabelColumns = Annotated[Optional[str], typer.Option(
     help="For --dataset csv:PATH, every label column, comma-separated: none of them is read as a feature "
          "[default: the tasks].")]
+ImageSize = Annotated[Optional[int], typer.Option(
+    help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
 TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table (default: a seeded fifth of PATH).")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
@@ -159,7 +161,7 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
 
 
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,
-                 test_csv=None, label_columns=None) -> DataConfig:
+                 test_csv=None, label_columns=None, image_size=None) -> DataConfig:
     counts = {}
     for item in starve or []:
         task, _, n = item.partition("=")
@@ -168,7 +170,8 @@ def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed
         counts[task] = int(n)
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
                       test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv,
-                      label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None)
+                      label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None,
+                      image_size=image_size)
 
 
 def _code(backbone: str | None, with_run: str | None = None) -> tuple[str, ...]:
@@ -247,7 +250,7 @@ def pretrain(
              "where the data set has one task (mnist).")] = None,
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
-    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
+    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
@@ -261,7 +264,7 @@ def pretrain(
     _join(device)
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
-    spec = dataset_spec(dataset, kinds)
+    spec = dataset_spec(dataset, kinds, image_size)
     if task is None:
         if len(spec.tasks) != 1:
             raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
@@ -273,7 +276,7 @@ def pretrain(
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
         task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                           label_columns),
+                           label_columns, image_size),
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
@@ -319,7 +322,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (with --epochs N: up to N).")] = None,
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
-    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None,
+    starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
     backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None, subspaces: Subspaces = None,
     stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
@@ -358,11 +361,12 @@ def train(
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
         if dataset is None:
-            dataset = stages.run_data_config(from_run).dataset
+            before = stages.run_data_config(from_run)
+            dataset, image_size = before.dataset, image_size or before.image_size
     else:
         dataset = dataset or _D.dataset
         task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})
-        spec = dataset_spec(dataset, kinds)
+        spec = dataset_spec(dataset, kinds, image_size)
         task_list = task_list or list(spec.default_tasks)
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
@@ -376,7 +380,7 @@ def train(
                                   label_columns=label_columns, **model_opts)
     stages.train(
         _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                     label_columns), model_cfg,
+                     label_columns, image_size), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,

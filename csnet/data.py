@@ -122,6 +122,7 @@ class DataConfig:
     starve: dict[str, int] | None = None
     test_csv: str | None = None
     label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
+    image_size: int | None = None  # folder: images resized to S x S (default: their own side, if all share it)
 
     def __post_init__(self):
         if not 0 <= self.split_seed <= MAX_SEED:
@@ -136,6 +137,10 @@ class DataConfig:
                 raise UsageError(f"--starve {task}={n}: the number of labels kept must be 0 or more")
         if self.dataset == "":
             raise UsageError("--dataset is empty")
+        if self.image_size is not None and not 1 <= self.image_size <= 65_535:
+            raise UsageError(f"--image-size must be from 1 to 65535 pixels, got {self.image_size}")
+        if self.image_size is not None and not self.dataset.startswith("folder:"):
+            raise UsageError("--image-size applies to --dataset folder:PATH")
 
 
 def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
@@ -146,13 +151,17 @@ def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     return {"in_channels": channels, "image_size": size}
 
 
-def dataset_spec(name: str, kinds: dict[str, str] | None = None) -> DatasetSpec:
+def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int | None = None) -> DatasetSpec:
     """The data set called ``name``; ``kinds`` (task -> kind) are the kinds the user asked for, which a
     table's columns take and a built-in set's tasks must agree with."""
     if name.startswith("csv:"):
         from csnet.tabular import csv_spec
 
         return csv_spec(name, kinds or {})
+    if name.startswith("folder:"):
+        from csnet.folder import folder_spec
+
+        return folder_spec(name, kinds or {}, image_size)
     if name in EXTRA:
         import importlib
 
@@ -160,7 +169,7 @@ def dataset_spec(name: str, kinds: dict[str, str] | None = None) -> DatasetSpec:
     elif name in DATASETS:
         spec = DATASETS[name]
     else:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join([*DATASETS, *EXTRA])}, csv:PATH")
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join([*DATASETS, *EXTRA])}, csv:PATH, folder:PATH")
     for task, kind in (kinds or {}).items():
         have = spec.tasks.get(task)
         if have is not None and split_kind(kind, task)[0] is not split_kind(have.kind, task)[0]:
@@ -292,10 +301,10 @@ class Data:
         return {name: task.statistics(self.train.labels[name]) for name, task in tasks.items() if task.standardized}
 
 
-def check_tasks(dataset: str, tasks) -> tuple[DatasetSpec, dict[str, Task]]:
+def check_tasks(dataset: str, tasks, image_size: int | None = None) -> tuple[DatasetSpec, dict[str, Task]]:
     """The data set and its tasks as Task objects (``tasks`` may be names: the data set's own kinds)."""
     given = {name: task.spec for name, task in tasks.items()} if isinstance(tasks, dict) else {}
-    spec = dataset_spec(dataset, given)
+    spec = dataset_spec(dataset, given, image_size)
     for name in tasks:
         if name not in spec.tasks:
             raise UsageError(f"unknown task {name!r} for {dataset}; valid: {', '.join(spec.tasks)}")
@@ -388,7 +397,7 @@ def load(cfg: DataConfig, tasks: dict[str, Task] | list[str]) -> Data:
     The validation hold-out depends only on ``split_seed``, so runs with different
     training seeds are compared on the same images.
     """
-    spec, tasks = check_tasks(cfg.dataset, tasks)
+    spec, tasks = check_tasks(cfg.dataset, tasks, cfg.image_size)
     if spec.loader is not None:
         return spec.loader(cfg, spec, tasks)
     if cfg.test_csv or cfg.label_columns:

@@ -76,8 +76,9 @@ def _check_norm(norm, path: Path, model_cfg: ModelConfig):
     ok = isinstance(norm, dict) and set(norm) == {"mean", "std"}
     for key in ("mean", "std") if ok else ():
         v = norm[key]
-        if isinstance(v, torch.Tensor):
-            ok = ok and v.dim() == 1 and v.dtype == torch.float32 and v.numel() == (model_cfg.in_features or -1)
+        if isinstance(v, torch.Tensor):  # per feature (N,) for tables, per channel (C, 1, 1) for images
+            shape = (model_cfg.in_features,) if model_cfg.in_features else (model_cfg.in_channels, 1, 1)
+            ok = ok and v.dtype == torch.float32 and tuple(v.shape) == shape
             ok = ok and bool(torch.isfinite(v).all()) and (key == "mean" or bool((v > 0).all()))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             ok = ok and torch.isfinite(torch.tensor(float(v))).item() and (key == "mean" or v > 0)
@@ -335,7 +336,8 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
     state = None
     if from_run is not None:
         model_cfg, state, _ = _load_model(from_run)
-        spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)))
+        spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)),
+                                     data_cfg.image_size)
         missing = [t for t in model_cfg.tasks if t not in spec.tasks]
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "

@@ -1,0 +1,109 @@
+"""--dataset folder:PATH: real PNG files of two sizes and kinds, a labels.csv, masks; the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torchvision.io import write_png
+
+from conftest import synthetic_images
+
+# torchvision 0.29 says, on every PNG written or read, that torchcodec will take its codecs over one day
+pytestmark = pytest.mark.filterwarnings("ignore:.*image decoding and encoding capabilities of TorchVision")
+
+
+def make_folder(root, n=120, seed=0):
+    """n images: RGB 20x20 (first half) and gray 24x24; a Fashion-like item whose colour channel is the class,
+    brightness a number, and a mask PNG marking the item's pixels (1) against the background (0)."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True)
+    (root / "img").mkdir()
+    (root / "mask").mkdir()
+    rows = []
+    items = synthetic_images(torch.randint(0, 10, (n,), generator=g), seed)
+    for i in range(n):
+        colour = i % 3
+        side = 20 if i < n // 2 else 24
+        item = torch.nn.functional.interpolate(items[i][None, None].float(), size=(side, side))[0, 0]
+        bright = float(torch.rand((), generator=g)) * 0.8 + 0.2
+        mask = (item > 120).to(torch.uint8)
+        if i < n // 2:
+            image = torch.zeros(3, side, side)
+            image[colour] = item * bright
+        else:
+            image = (item * bright * (colour + 1) / 3)[None]
+        write_png(image.clamp(0, 255).to(torch.uint8), str(root / "img" / f"{i}.png"))
+        write_png(mask[None], str(root / "mask" / f"{i}.png"))
+        rows.append({"image": f"img/{i}.png", "colour": ["red", "green", "blue"][colour],
+                     "brightness": round(bright, 4), "item": f"mask/{i}.png"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+COMMON = ["--image-size", "16", "--batch-size", "32", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("f") / "data")
+
+
+def test_a_folder_of_images_trains_with_classification_regression_and_segmentation(cli, folder, tmp_path):
+    data = f"folder:{folder}"
+    code, out, err = cli("train", "--dataset", data, "--tasks", "colour,brightness,item", *COMMON, "--epochs", "3",
+                         "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "colour (classification), brightness (regression), item (segmentation)" in out
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["model"]["in_channels"] == 3 and config["model"]["image_size"] == 16
+    assert config["model"]["backbone"] == "fcn" and config["model"]["num_classes"] == [3, 1, 2]
+    m = pd.read_csv(tmp_path / "r" / "metrics.csv").set_index(["epoch", "split", "task", "metric"]).value
+    assert {("colour", "accuracy"), ("brightness", "r2"), ("item", "miou")} <= {(t, k) for _, _, t, k in m.index}
+    code, out, err = cli("eval", tmp_path / "r")  # per-channel statistics and sizes from the run alone
+    assert code == 0, err
+    assert "miou" in out
+
+
+def test_pretrain_stitch_from_compare_and_resume_on_a_folder(cli, folder, tmp_path, monkeypatch):
+    from test_resume import resumes_exactly
+
+    data = f"folder:{folder}"
+    for task in ("colour", "item"):
+        code, _, err = cli("pretrain", "--dataset", data, "--task", task, *COMMON, "--out", tmp_path / task)
+        assert code == 0, err
+    assert cli("stitch", tmp_path / "colour", tmp_path / "item", "--out", tmp_path / "st")[0] == 0
+    code, _, err = cli("train", "--from", tmp_path / "st", *COMMON, "--out", tmp_path / "tr")
+    assert code == 0, err
+    code, _, err = cli("compare", tmp_path / "colour", tmp_path / "tr", "--reference", tmp_path / "colour",
+                       "--reference", tmp_path / "item", "--out", tmp_path / "cmp")
+    assert code == 0, err
+    resumes_exactly(cli, ["train", "--dataset", data, "--tasks", "colour,item", *COMMON, "--epochs", "2"],
+                    tmp_path / "resume", monkeypatch, 4)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: (r / "img" / "3.png").unlink(), "3.png: image file not found"),
+    (lambda r: (r / "img" / "4.png").write_bytes(b"\x89PNG\r\n\x1a\n broken"), "4.png: not a readable image"),
+    (lambda r: write_png(torch.zeros(1, 5, 5, dtype=torch.uint8), str(r / "mask" / "7.png")),
+     "7.png: (5, 5) pixels, but its image 7.png has (24, 24); a per-pixel target must match its image"),
+    (lambda r: pd.read_csv(r / "labels.csv").rename(columns={"image": "file"}).to_csv(r / "labels.csv", index=False),
+     "no 'image' column naming the image files"),
+    (lambda r: pd.read_csv(r / "labels.csv").assign(image=lambda d: d.image.where(d.index != 5, "img/0.png"))
+     .to_csv(r / "labels.csv", index=False), "'img/0.png' is named by more than one row"),
+])
+def test_bad_folders_are_one_line_and_write_nothing(cli, tmp_path, damage, message):
+    root = make_folder(tmp_path / "data", n=12)
+    damage(root)
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "colour,item", *COMMON,
+                       "--out", tmp_path / "r")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_images_of_two_sizes_need_an_image_size(cli, folder, tmp_path):
+    code, _, err = cli("train", "--dataset", f"folder:{folder}", "--tasks", "colour", "--quiet", "--out", tmp_path / "r")
+    assert code == 2 and "the images are not all square of one size" in err and "--image-size S" in err
