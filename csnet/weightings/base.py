@@ -27,16 +27,13 @@ class Weighting(nn.Module):
 
     name: ClassVar[str]
     per_task_gradients: ClassVar[bool] = False
+    takes_option: ClassVar[bool] = False  # NAME:OPTION (fixed's weights, DWA's temperature, GradNorm's alpha)
 
     def __init__(self, tasks: dict, option: str | None = None, seed: int = 0):
         super().__init__()
         self.task_names = list(tasks)
-        if option is not None and not self.takes_option():
+        if option is not None and not self.takes_option:
             raise UsageError(f"--weighting {self.name} takes no option (got {self.name}:{option})")
-
-    @classmethod
-    def takes_option(cls) -> bool:
-        return False
 
     def check(self, net: nn.Module) -> None:
         """Refuse, before any work, a network this weighting cannot train."""

@@ -13,10 +13,7 @@ from csnet.weightings.base import Weighting, needs_tasks, number_option
 
 class DWA(Weighting):
     name = "dwa"
-
-    @classmethod
-    def takes_option(cls) -> bool:
-        return True
+    takes_option = True
 
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)

@@ -10,10 +10,7 @@ from csnet.weightings.base import Weighting
 
 class Fixed(Weighting):
     name = "fixed"
-
-    @classmethod
-    def takes_option(cls) -> bool:
-        return True
+    takes_option = True
 
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)

@@ -23,10 +23,7 @@ from csnet.weightings.base import Weighting, needs_tasks, number_option
 class GradNorm(Weighting):
     name = "gradnorm"
     per_task_gradients = True
-
-    @classmethod
-    def takes_option(cls) -> bool:
-        return True
+    takes_option = True
 
     def __init__(self, tasks, option=None, seed=0):
         super().__init__(tasks, option, seed)
