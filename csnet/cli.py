@@ -59,7 +59,7 @@ LabelColumns = Annotated[Optional[str], typer.Option(
     help="For --dataset csv:PATH, every label column, comma-separated: none of them is read as a feature "
          "[default: the tasks].")]
 ImageSize = Annotated[Optional[int], typer.Option(
-    help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
+    min=1, max=65_535, help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
 TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table (default: a seeded fifth of PATH).")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
@@ -311,7 +311,8 @@ def stitch(
 def train(
     ctx: typer.Context,
     dataset: Annotated[Optional[str], typer.Option(
-        help=f"Data set: {DATASET_NAMES}, or csv:PATH (numeric features, label columns named by --tasks) "
+        help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), or "
+             "folder:PATH (images and a labels.csv) "
              "[default: fashion, or the --from run's].")] = None,
     tasks: Annotated[Optional[str], typer.Option(
         help="Tasks, comma-separated, each TASK or TASK:KIND (kinds: classification, binary, multilabel, regression, "
@@ -362,7 +363,7 @@ def train(
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
         if dataset is None:
             before = stages.run_data_config(from_run)
-            dataset, image_size = before.dataset, image_size or before.image_size
+            dataset, image_size = before.dataset, image_size if image_size is not None else before.image_size
     else:
         dataset = dataset or _D.dataset
         task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})

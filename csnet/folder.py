@@ -56,7 +56,8 @@ def _table(root: Path) -> pd.DataFrame:
         raise CsnetError(f"{path}: no rows")
     names = df[IMAGE_COLUMN]
     if names.isna().any():
-        raise CsnetError(f"{path}: row {int(names.isna().to_numpy().nonzero()[0][0]) + 1} names no image")
+        raise CsnetError(f"{path}: row {int(names.isna().to_numpy().nonzero()[0][0]) + 1} names no image (its "
+                         f"'{IMAGE_COLUMN}' cell is empty)")
     twice = names[names.duplicated()]
     if len(twice):
         raise CsnetError(f"{path}: {twice.iloc[0]!r} is named by more than one row; each image once")
@@ -74,85 +75,142 @@ def _is_target_file(column: pd.Series) -> bool:
     return len(values) > 0 and values.map(lambda v: isinstance(v, str) and v.lower().endswith(TARGET_SUFFIXES)).all()
 
 
-def _read_image(path: Path, mode) -> torch.Tensor:
+def _inside(root: Path, name: str, row: int, column: str) -> Path:
+    """ROOT/name, for a name that stays inside ROOT (the table's paths are relative to its folder)."""
+    path = root / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise CsnetError(f"{root / TABLE}: row {row + 1}, column {column}: {name!r} is not a path inside {root}")
+    return path
+
+
+def _read_image(path: Path, what: str = "image") -> torch.Tensor:
+    """(C, H, W) uint8, C = 3 (RGB) or 1: palette and CMYK images come out as RGB, 16-bit ones scaled to 8."""
     import warnings
 
-    from torchvision.io import decode_image
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
 
     if not path.is_file():
-        raise CsnetError(f"{path}: image file not found")
+        raise CsnetError(f"{path}: {what} file not found")
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 announces that torchcodec will take over its image decoders one day: said once
             # per image, it would drown the run's output; the decoders work as documented
             warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision")
-            return decode_image(str(path), mode=mode)
+            t = decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:
         raise CsnetError(f"{path}: not a readable image ({str(e).strip().splitlines()[0][:120]})") from None
+    if t.dim() != 3:
+        raise CsnetError(f"{path}: one still image expected, found a tensor of shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        t = TF.to_dtype(t, torch.uint8, scale=True)
+    # a gray image decoded as RGB has three equal channels: keep one
+    return t[:1] if torch.equal(t[0], t[1]) and torch.equal(t[0], t[2]) else t
 
 
 def _read_target(path: Path) -> torch.Tensor:
-    """A per-pixel target (H, W): a PNG (8- or 16-bit, one channel) or a 2-D .npy array."""
-    from torchvision.io import ImageReadMode
+    """A per-pixel target (H, W) as float32: a one-channel PNG (8 or 16 bits, values as stored) or a 2-D
+    .npy array of booleans, integers or floats."""
+    import warnings
 
+    from torchvision.io import ImageReadMode, decode_image
+
+    if not path.is_file():
+        raise CsnetError(f"{path}: target file not found")
     if path.suffix.lower() == ".npy":
         try:
             a = np.load(path, allow_pickle=False)  # a data file: never unpickle code
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise CsnetError(f"{path}: not a readable .npy array ({e})") from None
-        if a.ndim != 2:
-            raise CsnetError(f"{path}: a per-pixel target must be 2-D (H, W), found shape {a.shape}")
+        if a.ndim != 2 or a.dtype.kind not in "buif":
+            raise CsnetError(f"{path}: a per-pixel target must be a 2-D array of numbers, found {a.dtype} {a.shape}")
         return torch.from_numpy(a.astype(np.float32))
-    t = _read_image(path, ImageReadMode.UNCHANGED)
-    if t.shape[0] != 1:
-        raise CsnetError(f"{path}: a per-pixel target must have one channel, found {t.shape[0]}")
-    return t[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision")
+            t = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CsnetError(f"{path}: not a readable PNG ({str(e).strip().splitlines()[0][:120]})") from None
+    if t.dim() != 3 or t.shape[0] != 1:
+        raise CsnetError(f"{path}: a per-pixel target must have one channel, found shape {tuple(t.shape)}")
+    return t[0].float()
 
 
 @lru_cache(maxsize=2)
-def _decoded(root_text: str, table_mtime: int, size: int | None):
-    """(images uint8 (N, C, S, S), {column: targets (N, S, S) float32 or None}, side): the folder read once."""
-    from torchvision.io import ImageReadMode
+def _decoded(root_text: str, table_version: tuple, size: int | None):
+    """(images uint8 (N, C, S, S), {column: targets (N, S, S) float32, or the problem reading them}, side):
+    the folder read once, each image resized as soon as it is decoded."""
     from torchvision.transforms.v2 import functional as TF
 
     root = Path(root_text)
     df = _table(root)
-    paths = [root / str(p) for p in df[IMAGE_COLUMN]]
-    raw = [_read_image(p, ImageReadMode.UNCHANGED) for p in paths]
-    channels = 3 if any(r.shape[0] >= 3 for r in raw) else 1
-    sides = {tuple(r.shape[1:]) for r in raw}
-    if size is None:
-        if len(sides) > 1 or next(iter(sides))[0] != next(iter(sides))[1]:
-            raise UsageError(f"{root}: the images are not all square of one size (found {sorted(sides)[:3]}); "
-                             "give --image-size S to resize them to S x S")
-        size = next(iter(sides))[0]
-    images = torch.empty(len(raw), channels, size, size, dtype=torch.uint8)
-    for i, r in enumerate(raw):
-        r = r[:3] if r.shape[0] >= 3 else r[:1]  # drop alpha
-        if r.shape[0] != channels:
-            r = r.expand(channels, -1, -1)  # gray to RGB
-        images[i] = TF.resize(r, [size, size], antialias=True) if r.shape[1:] != (size, size) else r
+    paths = [_inside(root, str(p), i, IMAGE_COLUMN) for i, p in enumerate(df[IMAGE_COLUMN])]
+    shapes, kept = [], []
+    for path in paths:
+        r = _read_image(path)
+        shapes.append(tuple(r.shape[1:]))
+        if size is None and (shapes[-1] != shapes[0] or shapes[0][0] != shapes[0][1]):
+            raise UsageError(f"{root}: the images are not all square of one size (found {shapes[0]} and "
+                             f"{shapes[-1]}); give --image-size S to resize them to S x S")
+        side = size or shapes[0][0]
+        kept.append(TF.resize(r, [side, side], antialias=True) if shapes[-1] != (side, side) else r)
+    size = size or shapes[0][0]
+    channels = 3 if any(r.shape[0] == 3 for r in kept) else 1
+    images = torch.empty(len(kept), channels, size, size, dtype=torch.uint8)
+    for i, r in enumerate(kept):
+        images[i] = r.expand(channels, -1, -1)  # gray to RGB where another image is in colour
+    del kept
     targets = {}
     for column in df.columns:
         if column in (IMAGE_COLUMN, SPLIT_COLUMN) or not _is_target_file(df[column]):
             continue
-        out = torch.full((len(df), size, size), float("nan"))
-        for i, (name, image_path) in enumerate(zip(df[column], paths)):
-            if not isinstance(name, str):
-                continue
-            t = _read_target(root / name)
-            if t.shape != raw[i].shape[1:]:
-                raise CsnetError(f"{root / name}: {tuple(t.shape)} pixels, but its image {image_path.name} has "
-                                 f"{tuple(raw[i].shape[1:])}; a per-pixel target must match its image")
-            out[i] = TF.resize(t[None].float(), [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
-                if tuple(t.shape) != (size, size) else t.float()
-        targets[column] = out
+        try:
+            targets[column] = _targets_of(root, df, column, paths, shapes, size)
+        except CsnetError as e:  # an error only once a run chooses this column as a task
+            targets[column] = str(e)
     return images, targets, size
+
+
+def _targets_of(root: Path, df: pd.DataFrame, column: str, paths, shapes, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    out = torch.full((len(df), size, size), float("nan"))
+    for i, name in enumerate(df[column]):
+        if not isinstance(name, str):
+            continue
+        t = _read_target(_inside(root, name, i, column))
+        if tuple(t.shape) != shapes[i]:
+            raise CsnetError(f"{root / name}: {tuple(t.shape)} pixels, but its image {paths[i].name} has "
+                             f"{shapes[i]}; a per-pixel target must match its image")
+        out[i] = TF.resize(t[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
+            if tuple(t.shape) != (size, size) else t
+    return out
+
+
+def _classes_of(column: str, y: torch.Tensor) -> tuple[int, str | None]:
+    """(number of classes, or the problem) of a column of class maps: whole numbers, 255 or -1 unlabelled."""
+    from csnet.tabular import MAX_CLASSES
+
+    values = y[~torch.isnan(y)]
+    values = values[(values != IGNORE) & (values != -1)]
+    if not bool(torch.isfinite(values).all()) or not bool((values == values.round()).all()) or \
+            bool((values < 0).any()):
+        return 0, (f"task {column}: its maps hold values that are not whole class numbers (0, 1, ...; 255 or -1 for "
+                   f"no label); give {column}:depth for a map of values")
+    n = int(values.max()) + 1 if len(values) else 0
+    if n < 2:
+        return n, (f"task {column}: its maps hold {n} class(es) besides 255, which marks unlabelled pixels; store a "
+                   "binary mask as 0 and 1")
+    if n > MAX_CLASSES:
+        return n, (f"task {column}: its maps hold classes up to {n - 1}, more than {MAX_CLASSES}; for a map of "
+                   f"values give {column}:depth")
+    return n, None
 
 
 def _load(name: str, size: int | None):
     root = _root(name)
-    return _table(root), *_decoded(str(root.resolve()), (root / TABLE).stat().st_mtime_ns, size)
+    stat = (root / TABLE).stat()
+    return _table(root), *_decoded(str(root.resolve()), (stat.st_mtime_ns, stat.st_size), size)
 
 
 def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None):
@@ -173,9 +231,12 @@ def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None)
                 raise UsageError(f"task {column}: its cells name target files, so it is per-pixel: segmentation "
                                  f"or depth, not {cls.kind}")
             y = targets[column]
-            classes = int(np.nanmax(np.where(y.numpy() == IGNORE, np.nan, y.numpy()))) + 1 \
-                if cls.kind == "segmentation" else 1
-            tasks[column] = TaskSpec(kind, classes)
+            if isinstance(y, str):  # a file of this column could not be read
+                tasks[column] = TaskSpec(kind, 1, problem=y)
+            elif cls.kind == "segmentation":
+                tasks[column] = TaskSpec(kind, *_classes_of(column, y))
+            else:
+                tasks[column] = TaskSpec(kind, 1)
         else:
             tasks[column] = _infer(df[column], given, str(Path(name[len("folder:"):]) / TABLE))
     return DatasetSpec(name, (), tasks, (), tuple(images.shape[1:]), loader=load_folder, backbone="fcn"
@@ -195,13 +256,22 @@ def load_folder(cfg, spec, tasks):
     for t, task in tasks.items():
         if t in targets:
             y = targets[t]
-            # class maps as int64 with -1 for no label; depth as float with NaN
-            labels[t] = torch.where(torch.isnan(y), -1.0, y).long() if task.kind == "segmentation" else y
+            if isinstance(y, str):
+                raise CsnetError(y)
+            if task.kind == "segmentation":  # uint8 class maps, 255 for no label (-1 in the files too)
+                y = torch.where(torch.isnan(y) | (y == -1), float(IGNORE), y)
+                labels[t] = y.to(torch.uint8) if task.size <= IGNORE else torch.where(y == IGNORE, -1.0, y).long()
+            else:
+                labels[t] = y
         else:
             labels[t] = _targets(df, t, task, classes, table)
     everything = Split(images, labels)
     if SPLIT_COLUMN in df.columns:
+        if cfg.val_size is not None:
+            raise UsageError(f"{table} has a '{SPLIT_COLUMN}' column, which fixes the validation set: leave --val-size out")
         part = {s: torch.from_numpy((df[SPLIT_COLUMN] == s).to_numpy().nonzero()[0]) for s in ("train", "val", "test")}
+        if cfg.train_size is not None and cfg.train_size > len(part["train"]):
+            raise UsageError(f"--train-size must be between 1 and {len(part['train'])} (the rows of split train)")
         empty = [s for s, idx in part.items() if len(idx) == 0]
         if empty:
             raise CsnetError(f"{table}: no row has split {empty[0]}")
@@ -220,8 +290,15 @@ def load_folder(cfg, spec, tasks):
             raise CsnetError(f"{table}: no training image has a {t} target (the column is empty)")
     if cfg.starve:
         train = starve(train, cfg.starve, cfg.split_seed, tasks)
-    pixels = train.images.float()
-    # per channel, shaped to broadcast over (N, C, H, W) batches
-    mean = pixels.mean((0, 2, 3)).view(-1, 1, 1)
-    std = pixels.std((0, 2, 3)).clamp_min(1e-6).view(-1, 1, 1)
+    # per channel, shaped to broadcast over (N, C, H, W) batches; summed in float64 without a float copy
+    x = train.images
+    total, squares = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(256):  # a float copy of 256 images at a time, not of the whole set
+        c = chunk.double()
+        total += c.sum((0, 2, 3))
+        squares += c.square().sum((0, 2, 3))
+    n = x.numel() // x.shape[1]
+    mean = total / n
+    var = (squares / n - mean.square()) * n / max(n - 1, 1)
+    mean, std = mean.float().view(-1, 1, 1), var.clamp_min(0).sqrt().float().clamp_min(1e-6).view(-1, 1, 1)
     return Data(train=train, val=val, test=test, mean=mean, std=std, files={"labels": Path(table)})

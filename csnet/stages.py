@@ -336,6 +336,8 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
     state = None
     if from_run is not None:
         model_cfg, state, _ = _load_model(from_run)
+        if data_cfg.dataset.startswith("folder:") and data_cfg.image_size is None:
+            data_cfg = replace(data_cfg, image_size=model_cfg.image_size)  # the size the network was built for
         spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)),
                                      data_cfg.image_size)
         missing = [t for t in model_cfg.tasks if t not in spec.tasks]
@@ -624,7 +626,9 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
         if not base and isinstance(sources, list) and sources and isinstance(sources[0], str):
             base = runio.section(runio.read_config(Path(sources[0])), "data", Path(sources[0]), optional=True)
         data_cfg = replace(from_dict(DataConfig, base, "data", str(run / runio.CONFIG)) if base else DataConfig(),
-                           dataset=dataset, starve=None)
+                           dataset=dataset, starve=None, image_size=None)
+        if dataset.startswith("folder:"):  # the network takes images of the size it was built for
+            data_cfg = replace(data_cfg, image_size=model_cfg.image_size)
         norm = None
     else:
         data_cfg = run_data_config(run)

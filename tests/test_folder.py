@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -107,3 +108,45 @@ def test_bad_folders_are_one_line_and_write_nothing(cli, tmp_path, damage, messa
 def test_images_of_two_sizes_need_an_image_size(cli, folder, tmp_path):
     code, _, err = cli("train", "--dataset", f"folder:{folder}", "--tasks", "colour", "--quiet", "--out", tmp_path / "r")
     assert code == 2 and "the images are not all square of one size" in err and "--image-size S" in err
+
+
+def test_what_a_review_found_is_refused_with_a_hint_or_handled(cli, tmp_path):
+    root = make_folder(tmp_path / "data", n=12)
+    table = pd.read_csv(root / "labels.csv")
+    # a binary mask stored as 0/255: 255 means "no label", so it would train a task with one class
+    for i in range(12):
+        write_png((torch.arange(400).view(1, 20, 20) % 2 * 255).to(torch.uint8) if i < 6 else
+                  (torch.arange(576).view(1, 24, 24) % 2 * 255).to(torch.uint8), str(root / "mask" / f"{i}.png"))
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "item", *COMMON, "--stitch", "none",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "255, which marks unlabelled pixels; store a binary mask as 0 and 1" in err
+    # the same bad masks do not stop a run that does not use them
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "colour", *COMMON, "--stitch", "none",
+                       "--epochs", "1", "--out", tmp_path / "ok")
+    assert code == 0, err
+    # a path that leaves the folder
+    table.loc[2, "image"] = "../elsewhere.png"
+    table.to_csv(root / "labels.csv", index=False)
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "colour", *COMMON, "--out", tmp_path / "r")
+    assert code == 1 and "'../elsewhere.png' is not a path inside" in err
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--image-size", "0", "--out", tmp_path / "r")
+    assert code == 2 and "--image-size" in err and not (tmp_path / "r").exists()
+
+
+def test_a_split_column_fixes_the_splits_and_16_bit_images_are_scaled(cli, tmp_path):
+    root = make_folder(tmp_path / "data", n=30)
+    table = pd.read_csv(root / "labels.csv")
+    table["split"] = ["train"] * 20 + ["val"] * 5 + ["test"] * 5
+    table.to_csv(root / "labels.csv", index=False)
+    from PIL import Image  # torchvision writes 8-bit PNGs only; Pillow (a torchvision dependency) writes 16-bit
+
+    deep = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)  # up to 59,850 of 65,535
+    Image.fromarray(deep).save(root / "img" / "0.png")
+    from csnet import data as data_lib
+
+    loaded = data_lib.load(data_lib.DataConfig(dataset=f"folder:{root}", image_size=16), ["colour"])
+    assert (len(loaded.train), len(loaded.val), len(loaded.test)) == (20, 5, 5)
+    assert loaded.train.images.dtype == torch.uint8 and int(loaded.train.images.max()) > 200  # scaled, not wrapped
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "colour", *COMMON, "--stitch", "none", "--val-size", "3",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "has a 'split' column, which fixes the validation set" in err
