@@ -83,23 +83,29 @@ def _inside(root: Path, name: str, row: int, column: str) -> Path:
     return path
 
 
-def _read_image(path: Path, what: str = "image") -> torch.Tensor:
-    """(C, H, W) uint8, C = 3 (RGB) or 1: palette and CMYK images come out as RGB, 16-bit ones scaled to 8."""
+def _decode(path: Path, mode, what: str) -> torch.Tensor:
     import warnings
 
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.io import decode_image
 
-    if not path.is_file():
-        raise CsnetError(f"{path}: {what} file not found")
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 announces that torchcodec will take over its image decoders one day: said once
             # per image, it would drown the run's output; the decoders work as documented
             warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision")
-            t = decode_image(str(path), mode=ImageReadMode.RGB)
+            return decode_image(str(path), mode=mode)
     except (RuntimeError, ValueError, OSError) as e:
-        raise CsnetError(f"{path}: not a readable image ({str(e).strip().splitlines()[0][:120]})") from None
+        raise CsnetError(f"{path}: not a readable {what} ({str(e).strip().splitlines()[0][:120]})") from None
+
+
+def _read_image(path: Path, what: str = "image") -> torch.Tensor:
+    """(C, H, W) uint8, C = 3 (RGB) or 1: palette and CMYK images come out as RGB, 16-bit ones scaled to 8."""
+    from torchvision.io import ImageReadMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if not path.is_file():
+        raise CsnetError(f"{path}: {what} file not found")
+    t = _decode(path, ImageReadMode.RGB, "image")
     if t.dim() != 3:
         raise CsnetError(f"{path}: one still image expected, found a tensor of shape {tuple(t.shape)}")
     if t.dtype != torch.uint8:
@@ -111,9 +117,7 @@ def _read_image(path: Path, what: str = "image") -> torch.Tensor:
 def _read_target(path: Path) -> torch.Tensor:
     """A per-pixel target (H, W) as float32: a one-channel PNG (8 or 16 bits, values as stored) or a 2-D
     .npy array of booleans, integers or floats."""
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode
 
     if not path.is_file():
         raise CsnetError(f"{path}: target file not found")
@@ -125,12 +129,7 @@ def _read_target(path: Path) -> torch.Tensor:
         if a.ndim != 2 or a.dtype.kind not in "buif":
             raise CsnetError(f"{path}: a per-pixel target must be a 2-D array of numbers, found {a.dtype} {a.shape}")
         return torch.from_numpy(a.astype(np.float32))
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision")
-            t = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise CsnetError(f"{path}: not a readable PNG ({str(e).strip().splitlines()[0][:120]})") from None
+    t = _decode(path, ImageReadMode.UNCHANGED, "PNG")
     if t.dim() != 3 or t.shape[0] != 1:
         raise CsnetError(f"{path}: a per-pixel target must have one channel, found shape {tuple(t.shape)}")
     return t[0].float()
