@@ -4,7 +4,7 @@ PATH holds the images (PNG or JPEG, gray or RGB, any size) and a table ``labels.
 row per image: the column ``image`` names the image file (a path relative to PATH), every other
 column is a task. A task column holds class labels, 0/1 values, numbers, or paths to per-pixel
 targets: a PNG of class indices (segmentation) or a 16-bit PNG or ``.npy`` array (depth, given as
-``TASK:depth``). Kinds are inferred as for tables (``csnet.tabular``); a column of target files is
+``TASK:depth``). Kinds are inferred as for tables (``csnet.cells``); a column of target files is
 ``segmentation`` unless named ``:depth``. An optional column ``split`` (train / val / test) fixes
 the splits; without it a seeded fifth of the rows is the test set and a tenth of the rest
 validation. An empty cell is a missing label.
@@ -45,10 +45,10 @@ def _root(name: str) -> Path:
 
 
 def _table(root: Path) -> pd.DataFrame:
-    from csnet.tabular import _read
+    from csnet.cells import read_table
 
     path = root / TABLE
-    df = _read(str(path))
+    df = read_table(str(path))
     if IMAGE_COLUMN not in df.columns:
         raise CsnetError(f"{path}: no '{IMAGE_COLUMN}' column naming the image files (columns: "
                          f"{', '.join(map(str, df.columns))})")
@@ -188,7 +188,7 @@ def _targets_of(root: Path, df: pd.DataFrame, column: str, paths, shapes, size: 
 
 def _classes_of(column: str, y: torch.Tensor) -> tuple[int, str | None]:
     """(number of classes, or the problem) of a column of class maps: whole numbers, 255 or -1 unlabelled."""
-    from csnet.tabular import MAX_CLASSES
+    from csnet.cells import MAX_CLASSES
 
     values = y[~torch.isnan(y)]
     values = values[(values != IGNORE) & (values != -1)]
@@ -215,7 +215,7 @@ def _load(name: str, size: int | None):
 def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None):
     """Every column but the image (and split) column is a possible task; target-file columns are per-pixel."""
     from csnet.data import DatasetSpec
-    from csnet.tabular import _infer
+    from csnet.cells import infer_kind
 
     df, images, targets, size = _load(name, image_size)
     tasks = {}
@@ -237,20 +237,20 @@ def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None)
             else:
                 tasks[column] = TaskSpec(kind, 1)
         else:
-            tasks[column] = _infer(df[column], given, str(Path(name[len("folder:"):]) / TABLE))
+            tasks[column] = infer_kind(df[column], given, str(Path(name[len("folder:"):]) / TABLE))
     return DatasetSpec(name, (), tasks, (), tuple(images.shape[1:]), loader=load_folder, backbone="fcn"
                        if any(split_kind(t.kind)[0].dense for t in tasks.values()) else "convnet")
 
 
 def load_folder(cfg, spec, tasks):
     from csnet.data import Data, Split, holdout, starve, subset, test_subset
-    from csnet.tabular import _classes, _targets
+    from csnet.cells import class_values, encode_targets
 
     if cfg.test_csv or cfg.label_columns:
         raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
     df, images, targets, _ = _load(cfg.dataset, cfg.image_size)
     table = str(Path(cfg.dataset[len("folder:"):]) / TABLE)
-    classes = _classes(df, tasks)
+    classes = class_values(df, tasks)
     labels = {}
     for t, task in tasks.items():
         if t in targets:
@@ -263,7 +263,7 @@ def load_folder(cfg, spec, tasks):
             else:
                 labels[t] = y
         else:
-            labels[t] = _targets(df, t, task, classes, table)
+            labels[t] = encode_targets(df, t, task, classes, table)
     everything = Split(images, labels)
     if SPLIT_COLUMN in df.columns:
         if cfg.val_size is not None:
