@@ -145,10 +145,9 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
         if main:
             runio.ensure_new(out, force)  # before the slow part: a typo in --out should cost nothing
         device, note = resolve_device(train_cfg.device)
-        check_training(model_cfg, train_cfg)  # a --select or --weighting that does not fit fails before any work
         torch.manual_seed(train_cfg.seed)
         net = _build(model_cfg, code, source, weights)  # a bad stitch point or backbone fails here, before the data
-        weightings.make(train_cfg.weighting, model_cfg.task_list(), train_cfg.seed).check(net)
+        check_training(model_cfg, train_cfg, net)  # a --select or --weighting that does not fit, before the data
         if state is not None:
             _load_state(net, state, source / runio.MODEL)
         if note:
@@ -287,13 +286,16 @@ def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one, 
     return _finish_seeds(seeds, out, console, one)
 
 
-def check_training(model_cfg: ModelConfig | None, train_cfg: TrainConfig) -> None:
-    """The settings that depend on the tasks (--select, --weighting), checked before any folder is made."""
+def check_training(model_cfg: ModelConfig | None, train_cfg: TrainConfig, net=None) -> None:
+    """The settings that depend on the tasks (--select, --weighting), checked before any folder is made;
+    with ``net``, also that the weighting can train that network."""
     if model_cfg is None:
         return
     tasks = model_cfg.task_list()
     selection(train_cfg, tasks)
-    weightings.make(train_cfg.weighting, tasks, train_cfg.seed)
+    weighting = weightings.make(train_cfg.weighting, tasks, train_cfg.seed)
+    if net is not None:
+        weighting.check(net)
     if train_cfg.deterministic and train_cfg.device != "cpu" and torch.cuda.is_available() and \
             any(t.dense for t in tasks.values()):
         raise UsageError("--deterministic with per-pixel tasks on CUDA: PyTorch has no deterministic backward for "
@@ -578,9 +580,9 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
         raise UsageError(f"--tasks names {len(names)} columns for {len(sources)} runs")
     if len(set(names)) != len(names):
         raise UsageError(f"two columns would share a task name ({', '.join(names)}); name them with --tasks")
-    model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(c.num_classes[0] for c, _, _ in loaded),
-                            kinds=tuple(next(iter(c.task_list().values())).spec for c, _, _ in loaded),
-                            target_stats=tuple(next(iter(c.task_list().values())).stats for c, _, _ in loaded),
+    columns = [next(iter(c.task_list().values())) for c, _, _ in loaded]  # each source's one task
+    model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(t.size for t in columns),
+                            kinds=tuple(t.spec for t in columns), target_stats=tuple(t.stats for t in columns),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
                             arch=arch, subspaces=subspaces,
                             **loaded[0][0].column_arch())
