@@ -6,7 +6,10 @@ usage errors); ``csnet --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -18,13 +21,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from csnet import distributed, runio, stages
-from csnet.data import DATASETS, EXTRA, DataConfig, dataset_spec, model_input
+# Only what --help and argument errors need: torch, torchvision, pandas and matplotlib are imported
+# by the command that uses them (tests/test_cli.py checks sys.modules after --help).
+from csnet import distributed, runio
+from csnet.config import BACKBONES, DATASETS, DataConfig, TrainConfig, defaults, is_custom
 from csnet.errors import CsnetError, UsageError
-from csnet.models.backbones import is_custom
-from csnet.models.network import BACKBONES, ModelConfig
 from csnet.runio import default_out, run_path
-from csnet.train import TrainConfig, keep_freed_memory
 
 try:  # Typer 0.2x vendors Click and raises its own exception types
     from typer import TyperException as _ParseError
@@ -35,7 +37,7 @@ app = typer.Typer(
     name="csnet",
     help="Cross-stitch networks (Misra et al., CVPR 2016): pretrain, stitch, train, eval, compare.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # csnet --install-completion: Tab completes commands and options
     pretty_exceptions_enable=False,
 )
 # Off a terminal (make, CI, a log file) Rich would squeeze tables into 80 columns.
@@ -43,13 +45,14 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
 # ------------------------------------------------------------------ shared options
-# Defaults come from the config dataclasses, so each setting is declared once.
-_D, _T = DataConfig(), TrainConfig()
+# Defaults come from the config dataclasses, so each setting is declared once (read off the fields:
+# building a TrainConfig would check its weighting, which imports torch).
+_D, _T = defaults(DataConfig), defaults(TrainConfig)
 
-DATASET_NAMES = ", ".join([*DATASETS, *EXTRA])
+DATASET_NAMES = ", ".join(DATASETS)
 Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), or folder:PATH (images and a labels.csv).")]
 DataRoot = Annotated[Optional[str], typer.Option(
-    help="Folder holding fashion-mnist/ with the four IDX files. Default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets.")]
+    help="Folder holding fashion-mnist/ with the four IDX files [default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets].")]
 ValSize = Annotated[Optional[int], typer.Option(
     min=1, help="Training images (or rows) held out, seeded, for validation and model selection "
                 "[default: 5000 images, a tenth of a table].")]
@@ -60,9 +63,9 @@ LabelColumns = Annotated[Optional[str], typer.Option(
          "[default: the tasks].")]
 ImageSize = Annotated[Optional[int], typer.Option(
     min=1, max=65_535, help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
-TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table (default: a seeded fifth of PATH).")]
-TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded); default all.")]
-TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs; default all.")]
+TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table [default: a seeded fifth of PATH].")]
+TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded) [default: all].")]
+TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs [default: all].")]
 SplitSeed = Annotated[int, typer.Option(help="Seed of the validation hold-out and the --train-size subset.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Examples per training step.")]
@@ -109,9 +112,9 @@ TrainHeads = Annotated[bool, typer.Option("--train-heads", help="With --freeze-c
 Alpha = Annotated[Optional[float], typer.Option(help="Initial same-task unit weight [default: 0.9].")]
 Beta = Annotated[Optional[float], typer.Option(help="Initial different-task unit weight [default: 0.1]; --alpha 1 --beta 0 is the identity.")]
 BatchNorm = Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="Batch norm after the convs [default: on].")]
-Dropout = Annotated[Optional[float], typer.Option(help="Dropout before each output layer [default: 0.2, keep 0.8].")]
+Dropout = Annotated[Optional[float], typer.Option(help="Dropout probability before each output layer (the reproduction keeps 0.8) [default: 0.2].")]
 Hidden = Annotated[Optional[str], typer.Option(help="mlp hidden sizes, comma-separated [default: 60,20].")]
-Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; default runs/COMMAND-TIME. An existing run is refused unless --force.")]
+Out = Annotated[Optional[Path], typer.Option(help="Run folder to create; an existing run is refused unless --force [default: runs/COMMAND-TIME].")]
 Name = Annotated[Optional[str], typer.Option(help="Run name: the run goes to runs/NAME (a name, not a path).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace the run already in --out (only a csnet run's own files are removed).")]
 LrSchedule = Annotated[str, typer.Option(help="constant, or cosine (annealed to 0 over --epochs).")]
@@ -127,6 +130,8 @@ WeightingOpt = Annotated[str, typer.Option(
     "--weighting", help="How the task losses combine: equal (their sum), fixed:TASK=W,... (static weights), uncertainty "
                         "(Kendall et al. 2018), dwa[:TEMPERATURE] (Liu et al. 2019, 2 by default), gradnorm[:ALPHA] "
                         "(Chen et al. 2018, 1.5 by default), pcgrad (Yu et al. 2020).")]
+KeepLast = Annotated[bool, typer.Option("--keep-last", help="Keep last.pt (the whole training state) when the run ends, "
+                                        "to extend it later with --resume --epochs N; removed otherwise.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
 Config = Annotated[Optional[Path], typer.Option(
     help="A TOML file whose keys are this command's options (train-size = 6000, tasks = [\"fine\", \"coarse\"]); "
@@ -207,8 +212,11 @@ def _task_kinds(items) -> tuple[list[str], dict[str, str]]:
     return names, kinds
 
 
-def _model_config(spec, tasks, *, stitch, label_columns=None, **given) -> ModelConfig:
+def _model_config(spec, tasks, *, stitch, label_columns=None, **given):
     """ModelConfig from the options the user gave; unset ones keep the dataclass defaults."""
+    from csnet.data import model_input
+    from csnet.models.network import ModelConfig
+
     kw = {k: v for k, v in given.items() if v is not None}
     kw.update(model_input(spec, tasks, _parse_list(label_columns, "--label-columns") if label_columns else None))
     if "in_features" in kw:
@@ -227,8 +235,20 @@ def _model_config(spec, tasks, *, stitch, label_columns=None, **given) -> ModelC
 # ------------------------------------------------------------------ commands
 
 
+def _start(device: str | None = None):
+    """What a command that trains or evaluates does first (after parsing, so --help stays light): keep
+    freed memory in the process, join the other processes under torchrun (only rank 0 prints), and
+    hand back the stages module that runs the command."""
+    from csnet import stages
+    from csnet.train import keep_freed_memory
+
+    keep_freed_memory()
+    if device is not None:
+        _join(device)
+    return stages
+
+
 def _join(device: str) -> None:
-    """Under torchrun: join the other processes; only rank 0 prints."""
     global console
     if distributed.launched():
         distributed.setup(device)
@@ -239,7 +259,6 @@ def _join(device: str) -> None:
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
     _state["debug"] = debug
-    keep_freed_memory()
 
 
 @app.command()
@@ -257,11 +276,13 @@ def pretrain(
     weight_decay: WeightDecay = _T.weight_decay, optimizer: OptimizerOpt = _T.optimizer,
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
     seeds: Seeds = None, select: Select = None, device: Device = _T.device, deterministic: Deterministic = False,
-    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
+    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False, keep_last: KeepLast = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
-    _join(device)
+    stages = _start(device)
+    from csnet.data import dataset_spec
+
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
     spec = dataset_spec(dataset, kinds, image_size)
@@ -280,7 +301,7 @@ def pretrain(
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
-                    amp=amp, channels_last=channels_last, compile=compile, select=select),
+                    amp=amp, channels_last=channels_last, compile=compile, select=select, keep_last=keep_last),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list, code=_code(backbone),
     )
 
@@ -294,12 +315,12 @@ def stitch(
     unit_mode: UnitMode = None, unit_init: UnitInit = None,
     arch: Annotated[str, typer.Option(help="How the columns are mixed: cross-stitch, nddr or sluice (see train).")] = "cross-stitch",
     subspaces: Subspaces = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated (default: each run's task).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Column names, comma-separated [default: each run's task].")] = None,
     backbone: TrustBackbone = None,
     out: Out = None, name: Name = None, force: Force = False,
 ):
     """Build a cross-stitch network from pretrained columns and save it as a run (no training)."""
-    run = stages.stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
+    run = _start().stitch(runs, stitch=stitch, alpha=alpha, beta=beta, out=_out(out, name, "stitch"),
                         tasks=list(_parse_list(tasks, "--tasks")) if tasks is not None else None, force=force,
                         unit_mode=unit_mode or "channel", unit_init=unit_init or "alpha-beta",
                         code=_code(backbone, "stitch"), arch=arch, subspaces=subspaces or 2)
@@ -334,13 +355,14 @@ def train(
     momentum: Momentum = _T.momentum, stitch_lr_mult: StitchLrMult = _T.stitch_lr_mult,
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None, select: Select = None,
     weighting: WeightingOpt = _T.weighting, device: Device = _T.device, deterministic: Deterministic = False,
-    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False,
+    amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False, keep_last: KeepLast = False,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
     or --resume an interrupted one."""
-    if resume is None:
-        _join(device)  # a resumed run joins once it has read its device from the run
+    stages = _start(device if resume is None else None)  # a resumed run joins once it has read its device
+    from csnet.data import dataset_spec
+
     if resume is not None:
         allowed = {"resume", "epochs", "device", "quiet", "ctx", "config", "backbone"}
         given = _given(ctx, [n for n in ctx.params if n not in allowed])
@@ -386,7 +408,7 @@ def train(
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
                     deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile,
-                    select=select, weighting=weighting),
+                    select=select, weighting=weighting, keep_last=keep_last),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
         code=code,
     )
@@ -397,11 +419,11 @@ def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     dataset: Annotated[Optional[str], typer.Option(
-        help="Data set to evaluate on [default: the run's]; needed for a stitch of columns from different data sets.")] = None,
+        help="Data set to evaluate on; needed for a stitch of columns from different data sets [default: the run's].")] = None,
     device: Device = _T.device, data_root: DataRoot = None, backbone: TrustBackbone = None,
 ):
     """Evaluate a run's saved network: per-task loss and metrics, the mean loss and the score; writes RUN/eval.csv."""
-    metrics, not_saved = stages.eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
+    metrics, not_saved = _start().eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
     table = Table(title=f"{run} ({split})")
     for col in ("task", "loss", "metrics"):
         table.add_column(col, justify="right" if col == "loss" else "left")
@@ -419,7 +441,7 @@ def compare(
     reference: Annotated[Optional[list[Path]], typer.Option(
         help="Single-task reference run(s) for Δm, e.g. --reference runs/pre-fine --reference runs/pre-coarse "
              "[default: the first run].")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv, REPORT.md and the plots; default runs/compare-TIME.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv, REPORT.md and the plots [default: runs/compare-TIME].")] = None,
 ):
     """Compare runs: test accuracy at the best validation epoch, mean ± std and 95% CI over seeds,
     paired differences with p-values, Δm, model size; writes compare.csv, REPORT.md and plots."""
@@ -445,13 +467,14 @@ def compare(
 def bench(
     examples: Annotated[int, typer.Option(min=256, help="Training images per throughput measurement.")] = 4096,
     quick: Annotated[bool, typer.Option("--quick", help="Skip the 8-task and batch-size scans and the epoch run.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.csv; default runs/bench-TIME.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.csv [default: runs/bench-TIME].")] = None,
 ):
     """Measure training throughput side by side: unstitched columns, csnet's stitched network (with
     and without its compiled CPU kernels) and a straightforward implementation, against the
     machine's measured matmul peak (CPU); then a two-epoch full-data run's memory and epoch time."""
     import csv as csv_lib
 
+    _start()
     from csnet.bench import epoch_overhead, fmt, run, verdict
 
     out = runio.new_folder(out or default_out("bench"))
@@ -475,8 +498,9 @@ def bench(
 
 
 def _config_defaults(command, argv: list[str]) -> dict | None:
-    """``--config FILE.toml``: its keys become the command's defaults (the command line still wins).
-    Keys are the option names (``train-size`` or ``train_size``); an unknown key is an error."""
+    """``--config FILE``: its keys become the command's defaults (the command line still wins). A TOML
+    file's keys are the option names (``train-size`` or ``train_size``); an unknown key is an error. A
+    run's ``config.json`` repeats that run's settings (``_run_options``)."""
     i = next((k for k, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
     if i is None:
         return None
@@ -485,16 +509,19 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     elif i + 1 < len(argv):
         path = Path(argv[i + 1])
     else:
-        raise UsageError("--config needs a FILE.toml")
+        raise UsageError("--config needs a FILE.toml or a run's config.json")
     sub = next((a for a in argv[:i] if a in command.commands), None)
     if sub is None:
         raise UsageError("--config goes after the command, e.g. csnet train --config FILE.toml")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        values = _run_options(json.loads(text), sub, path) if path.suffix == ".json" else tomllib.loads(text)
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
-        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from e
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start}); TOML and JSON files are UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--config {path}: not valid JSON ({e})") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})") from e
     params = {p.name: p for p in command.commands[sub].params}
@@ -514,15 +541,92 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     return {sub: defaults}
 
 
-def _escaped(command):
-    """Help strings as written: Typer renders them as Rich markup, which took every bracketed part
-    (``[default: convnet]``, ``(nn.Module, [names])``) for a style tag and dropped it."""
+# config.json keys that are worked out, not chosen: never options
+_DERIVED = {"num_classes", "kinds", "target_stats", "in_channels", "image_size", "in_features", "tasks"}
+
+
+def _run_options(config, sub: str, path: Path) -> dict:
+    """The options that repeat a run, read from its config.json: its data and training settings, and its
+    network's (its tasks with their kinds, backbone, units...) or, for a run that started --from another,
+    that source. What csnet worked out itself (class counts, input shape, target statistics) is left to
+    be worked out again; settings left at None are left out."""
+    if not isinstance(config, dict) or config.get("command") not in ("train", "pretrain"):
+        raise UsageError(f"--config {path}: not the config.json of a train or pretrain run")
+    if sub not in ("train", "pretrain"):
+        raise UsageError(f"--config {path}: a run's config.json configures train or pretrain, not {sub}")
+    sections = {k: config.get(k) if isinstance(config.get(k), dict) else {} for k in ("data", "model", "train")}
+    options = {k: v for k, v in {**sections["data"], **sections["train"]}.items() if v is not None}
+    if isinstance(options.get("starve"), dict):
+        options["starve"] = [f"{t}={n}" for t, n in options["starve"].items()]
+    if config.get("source"):
+        options["from"] = config["source"]
+    else:
+        model = sections["model"]
+        options.update({k: v for k, v in model.items() if k not in _DERIVED and v is not None})
+        tasks = [f"{t}:{k}" if k else t for t, k in zip(model.get("tasks", []), model.get("kinds", []) or
+                                                         [""] * len(model.get("tasks", [])))]
+        options["task" if sub == "pretrain" else "tasks"] = tasks[0] if sub == "pretrain" and tasks else tasks
+        if sub == "pretrain":
+            options.pop("stitch", None)  # a column is trained without units
+    # Settings at their defaults are left to the defaults: a pretrain run records the units' settings, which
+    # pretrain has no options for, and --subspaces is refused without --arch sluice. Any other value of a
+    # setting this command has no option for is an error (the run cannot be repeated by this command).
+    from csnet.models.network import ModelConfig
+
+    usual = {**vars(defaults(DataConfig)), **vars(defaults(TrainConfig)), **vars(defaults(ModelConfig))}
+    for key in [k for k in options if k in usual and _same(options[k], usual[k])]:
+        del options[key]
+    return options
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+
+_DEFAULT = re.compile(r"\s*\[default: ([^\]]+)\]\.?\s*$")
+_METAVARS = {"int": "INTEGER", "float": "FLOAT", "Path": "PATH", "str": "TEXT"}
+
+
+def _help_as_written(command):
+    """Help that shows what it was written to show, in the form command-line tools use.
+
+    Typer renders help strings as Rich markup, which took every bracketed part (``(nn.Module, [names])``)
+    for a style tag and dropped it: escaped here. A trailing ``[default: X]`` (an option whose default
+    depends on other settings, so its Python default is None) becomes Typer's own default display, so
+    every default shows once and alike. Values are named INTEGER / FLOAT / TEXT / PATH and flags
+    take none (Typer 0.2x writes ``<bool>`` and ``<list[Path]>``); arguments show as ``RUN...``.
+    """
     from rich.markup import escape
 
+    def without_metavar(get_help_option):
+        def get(ctx):
+            option = get_help_option(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+        return get
+
     for sub in [command, *getattr(command, "commands", {}).values()]:
+        sub.get_help_option = without_metavar(sub.get_help_option)
+        if sub.help:
+            # a docstring's line breaks are not paragraph breaks (the commands' list kept them)
+            sub.help = escape("\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(sub.help).split("\n\n")))
         for param in sub.params:
             if getattr(param, "help", None):
+                found = _DEFAULT.search(param.help)
+                if found:
+                    param.help, param.show_default = param.help[:found.start()].rstrip() + ".", found.group(1)
+                    param.help = param.help.replace("..", ".")
                 param.help = escape(param.help)
+            bare = param.bare_type() if hasattr(param, "bare_type") else "str"
+            kind = _METAVARS.get(bare.removeprefix("list[").removesuffix("]"), "TEXT")
+            if param.param_type_name == "argument":
+                usage = (param.metavar or param.name.upper().rstrip("S")) + ("..." if param.nargs != 1 else "")
+                param.get_usage_pieces = lambda ctx, usage=usage, required=param.required: [
+                    usage if required else f"[{usage}]"]
+                param.display_type_rich = lambda ctx, kind=kind: kind
+            elif param.metavar is None:
+                param.metavar = "" if getattr(param, "is_flag", False) else kind
     return command
 
 
@@ -549,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     _state["debug"] = "--debug" in argv[:1]
-    command = _escaped(typer.main.get_command(app))
+    command = _help_as_written(typer.main.get_command(app))
     rank = int(distributed.launched() and os.environ.get("RANK", "0"))
     try:
         sub = next((a for a in argv if a in command.commands), None)

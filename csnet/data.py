@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from csnet.errors import CsnetError, UsageError
-from csnet.settings import MAX_SEED
+from csnet.config import DataConfig  # noqa: F401  (re-exported: the data settings)
 from csnet.tasks import MISSING, Task, TaskSpec, split_kind
 from csnet.tasks import make as make_task
 
@@ -104,43 +104,6 @@ DATASETS = {
 }
 # Sources that need more than the IDX reader register here, loaded when named (csnet.scenes, csnet.tabular).
 EXTRA = {"fashion-scenes": "csnet.scenes"}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which data a run uses and how it is split; recorded in config.json so eval sees the same split.
-
-    ``starve``: task -> number of training labels kept (the paper's data-starved setting).
-    """
-
-    dataset: str = "fashion"
-    data_root: str | None = None
-    val_size: int | None = None  # default: 5,000 images, or a tenth of a CSV table
-    train_size: int | None = None
-    test_size: int | None = None
-    split_seed: int = 0
-    starve: dict[str, int] | None = None
-    test_csv: str | None = None
-    label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
-    image_size: int | None = None  # folder: images resized to S x S (default: their own side, if all share it)
-
-    def __post_init__(self):
-        if not 0 <= self.split_seed <= MAX_SEED:
-            raise UsageError(f"--split-seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), "
-                             f"got {self.split_seed}")
-        for option, n in (("--val-size", self.val_size), ("--train-size", self.train_size),
-                          ("--test-size", self.test_size)):
-            if n is not None and n < 1:
-                raise UsageError(f"{option} must be at least 1, got {n}")
-        for task, n in (self.starve or {}).items():
-            if n < 0:
-                raise UsageError(f"--starve {task}={n}: the number of labels kept must be 0 or more")
-        if self.dataset == "":
-            raise UsageError("--dataset is empty")
-        if self.image_size is not None and not 1 <= self.image_size <= 65_535:
-            raise UsageError(f"--image-size must be from 1 to 65535 pixels, got {self.image_size}")
-        if self.image_size is not None and not self.dataset.startswith("folder:"):
-            raise UsageError("--image-size applies to --dataset folder:PATH")
 
 
 def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:

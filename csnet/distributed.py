@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from csnet.errors import CsnetError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions, after their one-process early returns: the CLI imports this
+# module to ask launched() before it knows whether the command needs torch at all (csnet --help does not).
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ def setup(device: str) -> World:
     global _world
     if not launched() or _world.active:
         return _world
+    import torch
+    import torch.distributed as dist
+
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -76,8 +83,11 @@ def setup(device: str) -> World:
 
 def teardown() -> None:
     global _world
-    if _world.active and dist.is_initialized():
-        dist.destroy_process_group()
+    if _world.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     _world = World()
 
 
@@ -119,6 +129,8 @@ def together(fn, *, main_only: bool = False):
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks, in place (a no-op on one process)."""
     if _world.active:
+        import torch.distributed as dist
+
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -127,6 +139,9 @@ def any_(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is true on any: a stop request must stop all ranks at the same step."""
     if not _world.active:
         return flag
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -136,6 +151,8 @@ def gather(obj) -> list:
     """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
     if not _world.active:
         return [obj]
+    import torch.distributed as dist
+
     out: list = [None] * _world.size
     dist.all_gather_object(out, obj)
     return out
@@ -145,6 +162,8 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (batch-norm running statistics): after the last step each
     rank has updated them with its own batch, and evaluation should use the statistics model.pt keeps."""
     if _world.active:
+        import torch.distributed as dist
+
         for b in module.buffers():
             dist.broadcast(b, 0)
 
@@ -159,6 +178,9 @@ def average_gradients(params) -> None:
     params = list(params)
     if not params:
         return
+    import torch
+    import torch.distributed as dist
+
     had = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
     dist.all_reduce(had, op=dist.ReduceOp.SUM)
     for p, n in zip(params, had.tolist()):

@@ -23,10 +23,12 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from csnet.errors import CsnetError, UsageError
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: compare never needs it
+    import torch
 
 RUNS_DIR = Path("runs")
 CONFIG = "config.json"
@@ -296,6 +298,7 @@ def sha256(path: Path) -> str:
 
 def environment(device: torch.device) -> dict:
     """Versions, code commit and hardware recorded in config.json before the first step."""
+    import torch
     import torchvision
 
     from csnet import __version__
@@ -382,6 +385,8 @@ def truncate_metrics(path: Path, before_epoch: int, fields: tuple[str, ...] = ME
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """A full disk or a removed folder is one error; the previous file is still whole (atomic_write)."""
+    import torch  # here, not at the top: compare and --help read run folders without torch
+
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
 
 
@@ -390,6 +395,8 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CsnetError(f"{path}: checkpoint not found")
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

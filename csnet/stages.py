@@ -16,7 +16,7 @@ from csnet.compare import read_metrics, task_info
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
-from csnet.models.backbones import is_custom
+from csnet.config import is_custom
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
@@ -202,12 +202,31 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     if not distributed.world().is_main:
         return run
     _outputs(run)
+    _drop_last(run, train_cfg)
     if best.get("selected_by", "val score") == "val score":
         what = f"val score {best['val_score']:.4f}"
     else:
         what = f"{best['selected_by']} {abs(best['val_score']):.4f}"
     console.print(f"best epoch {best['epoch']} ({what}); run saved in {run}", highlight=False)
     return run
+
+
+def _drop_last(run: Path, train_cfg: TrainConfig) -> None:
+    """A run that ended normally needs last.pt no more (model.pt holds the best epoch); only the last step,
+    after every closing file is written, so a run stopped before that can still finish from it."""
+    if not train_cfg.keep_last:
+        (run / runio.LAST).unlink(missing_ok=True)
+
+
+def _finished(run: Path, train_cfg: TrainConfig) -> bool:
+    """A run that ended normally and removed its last.pt: every epoch in metrics.csv, closing files written."""
+    metrics = run / runio.METRICS
+    if not runio.has_rows(metrics) or _incomplete(run):
+        return False
+    try:
+        return int(read_metrics(run).epoch.max()) >= train_cfg.epochs
+    except CsnetError:
+        return False
 
 
 def _outputs(run: Path) -> None:
@@ -230,6 +249,7 @@ def _complete(run: Path, last: dict, code: tuple[str, ...], console: Console) ->
     if net.units and not (run / runio.ALPHA_FINAL).is_file():
         write_final_alpha(net, run / runio.ALPHA_FINAL)
     _outputs(run)
+    _drop_last(run, _train_config(runio.read_config(run), run))
     console.print(f"{run} had finished training; its closing files are written now", highlight=False)
     return run
 
@@ -433,7 +453,10 @@ def status(run: Path, epochs: int | None = None) -> str:
     results yet: stopped before its first epoch ended, or never begun), or ``kept`` (results but no
     last.pt, e.g. deleted to save space: nothing to continue from, and nothing to throw away)."""
     if not (run / runio.LAST).is_file():
-        return "kept" if (run / runio.CONFIG).is_file() and _has_results(run) else "unstarted"
+        if not ((run / runio.CONFIG).is_file() and _has_results(run)):
+            return "unstarted"
+        train_cfg = _train_config(runio.read_config(run), run)
+        return "finished" if _finished(run, train_cfg) and not train_cfg.keep_last else "kept"
     if not (run / runio.CONFIG).is_file():
         return "unstarted"
     train_cfg = _train_config(runio.read_config(run), run)
@@ -464,6 +487,10 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     if distributed.world().is_main:
         runio.remove_stale_temporaries(run)  # half-written files of the write a kill interrupted
     if not (run / runio.LAST).is_file():
+        if _finished(run, train_cfg) and not train_cfg.keep_last:
+            raise UsageError(f"{run} has finished its {train_cfg.epochs} epoch(s) and, as every run that ends "
+                             f"normally, removed its {runio.LAST}: to train further, start a new run with --from "
+                             f"{run} (or train with --keep-last to extend a run later with --resume --epochs N)")
         if _has_results(run):
             raise UsageError(f"{run} has results but no {runio.LAST} to continue from; it is left as it is "
                              "(train a new run, or replace this one with --force)")

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,79 +27,10 @@ from csnet.data import Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
-from csnet.settings import MAX_SEED, from_dict
+from csnet.config import TrainConfig  # noqa: F401  (re-exported: the training settings)
+from csnet.settings import MAX_SEED
 from csnet.state import StopRequest, capture_rng, restore_rng
 from csnet.tasks import HIGHER, Task
-
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
-MAX_COUNT = 2 ** 31 - 1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Defaults are the reproduction's: Adam, lr 1e-3, batch 128, L2 1e-5."""
-
-    epochs: int = 1
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    # The paper scales the units' learning rate by 10^2..10^3, with SGD. Adam's steps do
-    # not grow with the gradient scale, so with Adam a multiplier of 1 is the safe default.
-    stitch_lr_mult: float = 1.0
-    lr_schedule: str = "constant"
-    # Train only the units (and, with train_heads, the output heads): the two-domain notebook's procedure.
-    freeze_columns: bool = False
-    train_heads: bool = False
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    # Speed: bf16 autocast (CUDA), torch.compile. channels_last (NHWC) is on by default: oneDNN's
-    # convolutions, batch norm and pooling are all faster in it on the CPU (the Fashion pair trained
-    # about 1.3x faster), and on CUDA it was level or slightly ahead (README, Speed).
-    amp: bool = False
-    channels_last: bool = True
-    compile: bool = False
-    # Model selection: None for the mean of the tasks' primary metrics ("score"), or TASK:METRIC.
-    select: str | None = None
-    # How the task losses become the step's gradients (csnet.weightings): equal (their sum), fixed:T=W,...,
-    # uncertainty, dwa[:TEMPERATURE], gradnorm[:ALPHA], pcgrad.
-    weighting: str = "equal"
-
-    def __post_init__(self):
-        finite = math.isfinite
-        checks = [
-            (1 <= self.epochs <= MAX_COUNT, f"--epochs must be from 1 to {MAX_COUNT:,}"),
-            (1 <= self.batch_size <= MAX_COUNT, f"--batch-size must be from 1 to {MAX_COUNT:,}"),
-            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), "
-                                         f"got {self.seed}"),
-            (finite(self.lr) and self.lr > 0, "--lr must be a positive number"),
-            (finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be a finite number, 0 or more"),
-            (finite(self.momentum) and self.momentum >= 0, "--momentum must be a finite number, 0 or more"),
-            (finite(self.stitch_lr_mult) and self.stitch_lr_mult > 0, "--stitch-lr-mult must be a positive number"),
-            (self.lr_schedule in SCHEDULES, f"unknown --lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
-            (self.device in DEVICES, f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        if not isinstance(self.weighting, str) or not self.weighting:
-            raise UsageError("--weighting is empty")
-        weightings.check_name(self.weighting)
-        if self.freeze_columns and self.weighting.partition(":")[0] == "gradnorm":
-            raise UsageError("--weighting gradnorm measures gradients in the columns, which --freeze-columns freezes")
-        if self.select is not None and not (isinstance(self.select, str) and self.select.count(":") == 1
-                                            and all(self.select.split(":"))):
-            raise UsageError(f"--select takes TASK:METRIC (e.g. depth:abs_err), got {self.select!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | None = None) -> "TrainConfig":
-        return from_dict(cls, d, "training", source)
-
 
 @contextmanager
 def deterministic_algorithms(on: bool):

@@ -304,7 +304,7 @@ def test_freeze_columns_trains_only_the_units(cli, data_root, tmp_path):
     _trained(cli, data_root, tmp_path / "base2", "--backbone", "mlp", "--stitch", "none", "--tasks", "coarse")
     assert cli("stitch", tmp_path / "base", tmp_path / "base2", "--out", tmp_path / "st")[0] == 0
     _trained(cli, data_root, tmp_path / "frozen", "--from", tmp_path / "st", "--freeze-columns",
-                 "--stitch-lr-mult", "100")
+                 "--stitch-lr-mult", "100", "--keep-last")  # last.pt: the final weights
     before = torch.load(tmp_path / "st" / "model.pt", weights_only=True, map_location="cpu")["model"]
     after = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True, map_location="cpu")["model"]
     for key in before:
@@ -317,7 +317,7 @@ def test_weights_for_a_torchvision_backbone(cli, data_root, tmp_path):
     source = torchvision.models.resnet18(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "r18.pt")
     _trained(cli, data_root, tmp_path / "r", "--backbone", "resnet18", "--weights", tmp_path / "r18.pt",
-             "--freeze-columns", "--train-heads", "--batch-norm")
+             "--freeze-columns", "--train-heads", "--batch-norm", "--keep-last")
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=True, map_location="cpu")["model"]
     assert torch.equal(state["columns.fine.stages.layer2.0.conv1.weight"], source.layer2[0].conv1.weight)
     config = json.loads((tmp_path / "r" / "config.json").read_text())

@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI on small IDX files the tests write, and its one-line errors."""
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -70,7 +71,8 @@ def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
     # the synthetic classes are easy: two epochs must learn them (a broken pipeline stays near chance)
     assert acc[(acc.split == "test") & (acc.epoch == 2) & (acc.task == "fine") & (acc.metric == "accuracy")].value.item() > 0.5
     assert (m[(m.metric == "examples_per_s")].value > 0).all()
-    for name in ("model.pt", "last.pt", "plots/test_metrics.png", "plots/train_loss.png"):
+    assert not (run / "last.pt").exists()  # removed when a run ends normally (kept with --keep-last)
+    for name in ("model.pt", "plots/test_metrics.png", "plots/train_loss.png"):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "model.pt", weights_only=True, map_location="cpu")
     assert list(ckpt["model_config"]["tasks"]) == ["fine", "coarse"]
@@ -131,14 +133,79 @@ def test_compare_table_and_plots(pipeline, cli, tmp_path, n_runs):
         assert (tmp_path / "cmp" / png).stat().st_size > 1000
 
 
-def test_python_dash_m_and_help(tmp_path):
+def _help(*command) -> str:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "csnet", "train", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0
+    result = subprocess.run([sys.executable, "-m", "csnet", *command, "--help"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())  # the panels wrap: compare as one line of words
+
+
+def test_train_help_shows_every_choice_and_default():
+    from csnet.config import BACKBONES, DATASETS
+    from csnet.data import DATASETS as BUILT_IN, EXTRA
+    from csnet.models.network import ModelConfig
+
+    assert set(DATASETS) == {*BUILT_IN, *EXTRA}  # the help's names are the registries'
+    text = _help("train")
     for option in ("--epochs", "--stitch-lr-mult", "--from", "--device", "--alpha", "--train-size"):
-        assert option in result.stdout
+        assert option in text
+    for name in (*DATASETS, *BACKBONES, "after-pool", "after-fc", "none", "csv:PATH", "folder:PATH"):
+        assert name in text, name
+    assert "(nn.Module, [stitch point names])" in text  # bracketed text is not taken for markup
+    defaults = ModelConfig(tasks=("a", "b"), num_classes=(2, 2))
+    for option, value in (("alpha", defaults.alpha), ("stitch", defaults.stitch), ("dropout", defaults.dropout)):
+        row = re.search(rf"--{option} (FLOAT|TEXT) (.*?) │ --", text).group(2)  # the option's own row
+        assert f"[default: ({value})]" in row, (option, row)
+    assert "<bool>" not in text and "<str>" not in text and "[default: 5000 images" not in text
+    usage = _help("compare")
+    assert "csnet compare [OPTIONS] RUN..." in usage and "{" not in usage
+
+
+def test_help_and_argument_errors_import_no_torch(tmp_path):
+    """``csnet --help`` answers before torch, torchvision, pandas or matplotlib would load (seconds here)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from csnet.cli import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('torch', 'torchvision', 'pandas', 'matplotlib') if m in sys.modules))")
+    for argv in (["--help"], ["train", "--help"], ["compare", "--help"], ["train", "--epochs", "x"],
+                 ["pretrain", "--no-such-option"]):
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert result.stdout.strip().splitlines()[-1] == "[]", (argv, result.stdout, result.stderr)
+
+
+def test_shell_completion_completes_commands_and_options():
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_CSNET_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        done = subprocess.run([sys.executable, "-m", "csnet"], env=env, capture_output=True, text=True)
+        return done.stdout.split()
+
+    assert complete("csnet tr") == ["train"]
+    assert "--keep-last" in complete("csnet train --kee")
+
+
+def test_a_runs_config_json_repeats_it(cli, pipeline, tmp_path):
+    """--config RUN/config.json: the same data, network (or --from source) and training, so the same numbers."""
+    def values(run):
+        m = pd.read_csv(run / "metrics.csv")
+        return m[~m.metric.isin(["examples_per_s", "seconds", "epoch_seconds"])].reset_index(drop=True)
+
+    for command, run in (("train", "base"), ("pretrain", "pre-coarse"), ("train", "cs")):
+        _ok(cli(command, "--config", pipeline / run / "config.json", "--out", tmp_path / run))
+        pd.testing.assert_frame_equal(values(tmp_path / run), values(pipeline / run))
+        again, before = (json.loads((d / run / "config.json").read_text()) for d in (tmp_path, pipeline))
+        for section in ("data", "model", "train"):
+            assert again[section] == before[section], section
+    code, _, err = cli("eval", "--config", pipeline / "base" / "config.json", pipeline / "base")
+    assert code == 2 and "configures train or pretrain, not eval" in err
 
 
 # ---------------------------------------------------------------- bad input

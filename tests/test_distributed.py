@@ -42,7 +42,7 @@ def root(tmp_path_factory):
 def reference(root, tmp_path_factory):
     """An uninterrupted 2-epoch run on 2 processes."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    done = torchrun("train", "--data-root", root, *SMALL, "--epochs", "2", "--out", out)
+    done = torchrun("train", "--data-root", root, *SMALL, "--epochs", "2", "--keep-last", "--out", out)
     assert done.returncode == 0, done.stderr
     return out, done
 

@@ -115,7 +115,7 @@ def test_training_with_a_fully_starved_task(cli, data_root, tmp_path):
 def test_alpha_csv_holds_the_numbers_the_model_had(cli, data_root, tmp_path):
     run = tmp_path / "r"
     code, _, err = cli("train", "--data-root", data_root, *QUICK, "--epochs", "2", "--stitch-lr-mult", "100",
-                       "--out", run)
+                       "--keep-last", "--out", run)
     assert code == 0, err
     state = torch.load(run / "last.pt", weights_only=True, map_location="cpu")["model"]
     alpha = pd.read_csv(run / "alpha.csv")

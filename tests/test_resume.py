@@ -64,13 +64,13 @@ def resumes_exactly(cli, args, tmp_path, monkeypatch, step):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 2-epoch run."""
+    """An uninterrupted 2-epoch run that keeps its last.pt (to be extended and compared with)."""
     from conftest import make_dataset
     from csnet.cli import main
 
     root = make_dataset(tmp_path_factory.mktemp("data"))
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["train", "--data-root", str(root), *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    assert main(["train", "--data-root", str(root), *SMALL, "--epochs", "2", "--keep-last", "--out", str(out)]) == 0
     return root, out
 
 
@@ -78,7 +78,7 @@ def reference(tmp_path_factory):
 def test_sigint_then_resume_matches_the_uninterrupted_run(cli, reference, tmp_path, monkeypatch, step):
     root, ref = reference
     signal_at(monkeypatch, step)
-    code, _, err = train(cli, root, tmp_path / "run", "--epochs", "2")
+    code, _, err = train(cli, root, tmp_path / "run", "--epochs", "2", "--keep-last")
     assert code == 130
     line = err.strip().splitlines()[-1]
     assert line.startswith("interrupted: by SIGINT at epoch ") and f"csnet train --resume {tmp_path / 'run'}" in line
@@ -144,7 +144,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monke
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runio.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)  # runio imports torch where it saves
     with pytest.raises(CsnetError, match="cannot write .*last.pt: No space left on device; the previous one is intact"):
         runio.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
     assert path.read_bytes() == before
@@ -159,6 +159,16 @@ def test_truncated_checkpoint_is_refused(cli, reference, tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     code, _, err = cli("train", "--resume", tmp_path / "run")
     assert code == 1 and err.strip() == f"error: {last}: not a readable checkpoint (truncated or foreign file)"
+
+
+def test_a_finished_run_drops_last_pt_unless_kept(cli, reference, tmp_path):
+    root, ref = reference
+    assert train(cli, root, tmp_path / "run", "--epochs", "1")[0] == 0
+    assert not (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "model.pt").is_file()
+    assert (ref / "last.pt").is_file()  # --keep-last
+    code, _, err = cli("train", "--resume", tmp_path / "run", "--epochs", "2")
+    assert code == 2 and "has finished its 1 epoch(s) and, as every run that ends normally, removed its last.pt" in err
+    assert "--keep-last" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_refuses_changed_settings_and_finished_runs(cli, reference):

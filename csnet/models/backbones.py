@@ -27,16 +27,10 @@ import torchvision
 from torch import nn
 
 from csnet.errors import CsnetError, UsageError
+from csnet.config import TORCHVISION_BACKBONES
 from csnet.models.columns import Column
 
-TORCHVISION = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "vgg11": torchvision.models.vgg11,
-    "vgg16": torchvision.models.vgg16,
-    "vgg16_bn": torchvision.models.vgg16_bn,
-}
+TORCHVISION = {name: getattr(torchvision.models, name) for name in TORCHVISION_BACKBONES}
 
 
 class RepeatChannels(nn.Module):
@@ -200,11 +194,6 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
         raise CsnetError(f"--weights {path}: no tensor matches {type(model).__name__} (wrong architecture?)")
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
-
-
-def is_custom(backbone: str) -> bool:
-    """A user's own column, ``module.path:function``: code, so never imported because a file names it."""
-    return ":" in backbone
 
 
 def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int) -> Column:

@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 from csnet import tasks as tasks_lib
+from csnet.config import BACKBONES, is_custom
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
-from csnet.models.backbones import TORCHVISION, as_column, custom_column, is_custom, torchvision_column
+from csnet.models.backbones import TORCHVISION, as_column, custom_column, torchvision_column
 from csnet.models.columns import Column, DenseHead
 from csnet.models.nddr import NDDRLayer
 from csnet.models.sluice import SluiceReadout, SluiceUnit
 from csnet.models.unit import INITS, MODES, CrossStitchUnit, init_values
 
-BACKBONES = ("convnet", "fcn", "mlp", *TORCHVISION)
 
 
 def _cross_stitch(n_tasks: int, width: int | None, mode: str, alpha: float, beta: float, init: str, subspaces: int):
