@@ -424,11 +424,17 @@ def eval_(
 ):
     """Evaluate a run's saved network: per-task loss and metrics, the mean loss and the score; writes RUN/eval.csv."""
     metrics, not_saved = _start().eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
+    from csnet.compare import task_info
+    from csnet.units import PERCENT, with_unit
+
+    units = {t: i["units"] for t, i in task_info(run, [t for t in metrics if t != "mean"]).items()}
+    units["mean"] = {"score": PERCENT}
     table = Table(title=f"{run} ({split})")
     for col in ("task", "loss", "metrics"):
         table.add_column(col, justify="right" if col == "loss" else "left")
     for task, m in metrics.items():
-        table.add_row(task, f"{m['loss']:.4f}", "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss"))
+        table.add_row(task, f"{m['loss']:.4f}", "  ".join(f"{k} {with_unit(v, units[task].get(k, ''))}"
+                                                          for k, v in m.items() if k != "loss"))
     console.print(table)
     if not_saved is not None:
         raise CsnetError(f"the metrics above were not saved: {not_saved}")
@@ -442,18 +448,21 @@ def compare(
         help="Single-task reference run(s) for Δm, e.g. --reference runs/pre-fine --reference runs/pre-coarse "
              "[default: the first run].")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for compare.csv, REPORT.md and the plots [default: runs/compare-TIME].")] = None,
+    allow_mismatch: Annotated[bool, typer.Option(
+        "--allow-mismatch", help="Compare runs tested on different data (data set, test examples, split seed or "
+                                 "data files); REPORT.md then records the difference.")] = False,
 ):
     """Compare runs: test accuracy at the best validation epoch, mean ± std and 95% CI over seeds,
     paired differences with p-values, Δm, model size; writes compare.csv, REPORT.md and plots."""
     from csnet.compare import compare as compare_runs, format_rows
 
     out = out or default_out("compare")
-    table, figures = compare_runs(runs, out, reference or None)
+    table, figures = compare_runs(runs, out, reference or None, allow_mismatch)
     for note in table.attrs.get("notes", []):
         print(f"warning: {note}", file=sys.stderr)
-    header, cells = format_rows(table, table.attrs["tasks"])
-    view = Table(title=f"each task's primary test metric and the score, % at the best validation epoch "
-                       f"(difference from {table.run.iloc[0]}, points)")
+    header, cells = format_rows(table)
+    view = Table(title=f"each task's primary test metric and the score at the best validation epoch "
+                       f"(difference from {table.run.iloc[0]}: points for percentages)")
     for i, h in enumerate(header):
         view.add_column(h, justify="left" if i == 0 else "right")
     for row in cells:
@@ -653,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     _state["debug"] = "--debug" in argv[:1]
+    runio.set_command_line(["csnet", *argv])
     command = _help_as_written(typer.main.get_command(app))
     rank = int(distributed.launched() and os.environ.get("RANK", "0"))
     try:

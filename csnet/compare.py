@@ -13,11 +13,18 @@ Delta_m is the multi-task score of Maninis et al. (CVPR 2019) and Vandenhende et
 lower is better. A task with several Δm metrics (depth: abs_err, abs_rel) contributes
 the mean of their terms, as LibMTL averages them. Kinds and directions are read from
 each run's config.json (what its tasks recorded), so compare never imports a model.
+
+Runs are compared only where they were tested alike: the same data set and test set (data
+files' SHA-256, test examples, split seed, from config.json), unless --allow-mismatch, which
+REPORT.md then records. Tasks that not every run has are shown but left out of the score and of
+the differences. Units: metrics a task marks as fractions (accuracy, mean AP, mIoU, δ1) and the
+score are in percent and their differences in points; errors stay in the target's units.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ from scipy import stats
 
 from csnet import plots, runio
 from csnet.errors import CsnetError, UsageError
+from csnet.units import PERCENT, labelled, scale
 
 
 def read_metrics(run: Path) -> pd.DataFrame:
@@ -68,7 +76,9 @@ def read_table(path: Path, what: str, text: tuple[str, ...], numbers: tuple[str,
 
 # What a run without a "tasks" section in config.json (an older csnet) trained: classification.
 CLASSIFICATION = {"kind": "classification", "primary": "accuracy", "metrics": {"accuracy": "higher"},
-                  "delta": ["accuracy"]}
+                  "delta": ["accuracy"], "units": {"accuracy": "%"}}
+# Units of runs whose tasks did not record them yet: the fractions of csnet's kinds.
+_FRACTIONS = {"accuracy", "macro_f1", "mean_ap", "miou", "pixel_accuracy", "delta1"}
 
 
 def task_info(run: Path, tasks) -> dict[str, dict]:
@@ -80,7 +90,11 @@ def task_info(run: Path, tasks) -> dict[str, dict]:
         r = recorded.get(t)
         ok = isinstance(r, dict) and isinstance(r.get("primary"), str) and isinstance(r.get("metrics"), dict) \
             and isinstance(r.get("delta"), list) and all(v in ("higher", "lower") for v in r["metrics"].values())
-        info[t] = r if ok else CLASSIFICATION
+        info[t] = dict(r if ok else CLASSIFICATION)
+        units = info[t].get("units")
+        if not isinstance(units, dict):
+            units = {m: PERCENT for m in info[t]["metrics"] if m in _FRACTIONS}
+        info[t]["units"] = units
     return info
 
 
@@ -171,7 +185,8 @@ def entry_scores(entry: Path) -> tuple[pd.DataFrame, dict[int, pd.DataFrame], di
         info["epochs"].append(s["epochs"])
         info["best_epoch"].append(s["best_epoch"])
     first_run = next(iter(runs.values()))
-    stats_ = runio.read_config(first_run).get("model_stats")
+    info["configs"] = {seed: runio.read_config(path) for seed, path in runs.items()}
+    stats_ = info["configs"][next(iter(runs))].get("model_stats")
     info["model_stats"] = stats_ if isinstance(stats_, dict) else {}
     full = pd.DataFrame.from_dict(rows, orient="index").sort_index()
     full.columns = pd.MultiIndex.from_tuples(full.columns)
@@ -246,66 +261,149 @@ def check_kinds(entries: dict, labels: list[str]) -> None:
             seen.setdefault(task, (label, info))
 
 
-def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -> tuple[pd.DataFrame, list[Path]]:
+def test_set(config: dict) -> dict[str, object]:
+    """What a run was tested on, from its config.json: what must match for two runs' numbers to compare.
+    A csv: or folder: source is named by its files' SHA-256, not its path."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    stats_ = config.get("data_stats") if isinstance(config.get("data_stats"), dict) else {}
+    files = stats_.get("files") if isinstance(stats_.get("files"), dict) else {}
+    dataset = str(data.get("dataset", "?"))
+    return {"data set": dataset.split(":", 1)[0] if ":" in dataset else dataset,
+            "test examples": stats_.get("test"),
+            "split seed": data.get("split_seed"),
+            "data files (SHA-256)": {k: v.get("sha256") for k, v in sorted(files.items()) if isinstance(v, dict)}}
+
+
+def mismatches(configs: dict[str, dict]) -> list[str]:
+    """How each run's test set differs from the first's (``configs``: label -> config.json); unknown fields
+    (runs of an older csnet) are not held against it."""
+    (first, want), found = next(iter(configs.items())), []
+    ident = test_set(want)
+    for label, config in list(configs.items())[1:]:
+        other = test_set(config)
+        for what, value in other.items():
+            if value in (None, {}) or ident[what] in (None, {}) or value == ident[what]:
+                continue
+            shown_ = "other files" if isinstance(value, dict) else f"{ident[what]} vs {value}"
+            found.append(f"{first} and {label} differ in {what} ({shown_})")
+    return found
+
+
+def _flat(config: dict) -> dict[str, object]:
+    flat = {"source": config.get("source")}
+    for section in ("data", "model", "train"):
+        for key, value in (config.get(section) or {}).items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def differing_settings(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
+    """setting -> {label: value} for the settings in which the runs differ (from their config.json)."""
+    flats = {label: _flat(c) for label, c in configs.items()}
+    keys = list(dict.fromkeys(k for f in flats.values() for k in f))
+    return {k: {label: f.get(k) for label, f in flats.items()} for k in keys
+            if len({repr(f.get(k)) for f in flats.values()}) > 1}
+
+
+def command_line(config: dict) -> str:
+    argv = config.get("argv")
+    if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+        return shlex.join(argv)
+    return "(not recorded: a run of an older csnet)"
+
+
+def curve_series(metrics: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Per (split, task, metric, epoch) the mean over seeds and its 95% t-interval (NaN with one seed):
+    the lines and bands of the figures, the same interval as the tables."""
+    both = pd.concat(metrics.values(), ignore_index=True)
+    rows = []
+    for (split, task, metric, epoch), group in both.groupby(["split", "task", "metric", "epoch"], sort=False):
+        mean, _, low, high = interval(group.value)
+        rows.append((split, task, metric, epoch, mean, low, high))
+    return pd.DataFrame(rows, columns=["split", "task", "metric", "epoch", "mean", "low", "high"])
+
+
+def _key(task: str, metric: str, unit: str) -> str:
+    return labelled(f"{task}:{metric}", unit)
+
+
+def compare(runs: list[Path], out: Path, references: list[Path] | None = None,
+            allow_mismatch: bool = False) -> tuple[pd.DataFrame, list[Path]]:
     """One row per entry: each task's primary test metric and the score (over seeds: mean, std, 95% CI), the paired
-    difference from the first entry in points with its p-value, Delta_m against the references, and the
-    network's size. Writes compare.csv, REPORT.md and the plots to ``out``."""
+    difference from the first entry with its p-value, Delta_m against the references, and the network's size.
+    Refuses runs tested on different data unless ``allow_mismatch``. Writes compare.csv, REPORT.md and the
+    plots to ``out``."""
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
     runio.ensure_new(out)
     labels = labels_for(runs)
     entries = {label: entry_scores(run) for label, run in zip(labels, runs)}
     ref_paths = references or [runs[0]]
-    by_path = {Path(run).resolve(): entries[label][2]["full"] for label, run in zip(labels, runs)}
+    by_path = {Path(run).resolve(): label for label, run in zip(labels, runs)}
+    ref_entries = {str(ref): entry_scores(ref) for ref in ref_paths if Path(ref).resolve() not in by_path}
+    check_kinds({**entries, **ref_entries}, [*labels, *ref_entries])
+    configs = {f"{label} (seed {seed})" if len(e[2]["configs"]) > 1 else label: config
+               for label, e in {**entries, **ref_entries}.items() for seed, config in e[2]["configs"].items()}
+    differ = mismatches(configs)
+    if differ and not allow_mismatch:
+        raise UsageError(f"{differ[0]}: their numbers do not compare (pass --allow-mismatch to compare them "
+                         "anyway; REPORT.md then says so)")
     ref_scores: dict[tuple[str, str], float] = {}
-    ref_tasks: set[str] = set()
     for ref in ref_paths:  # the first reference that has a task sets its reference values
-        ref_table = by_path.get(Path(ref).resolve())
-        if ref_table is None:
-            _, _, ref_info = entry_scores(ref)
-            ref_table = ref_info["full"]
-            check_kinds({**entries, str(ref): (None, None, ref_info)}, [*labels, str(ref)])
-        for task in dict.fromkeys(ref_table.columns.get_level_values(0)):
-            if task in ("mean", "total", "all") or task in ref_tasks:
+        label = by_path.get(Path(ref).resolve())
+        full = (entries[label] if label else ref_entries[str(ref)])[2]["full"]
+        for task in dict.fromkeys(full.columns.get_level_values(0)):
+            if task in ("mean", "total", "all") or any(k[0] == task for k in ref_scores):
                 continue
-            ref_tasks.add(task)
-            for metric in ref_table[task].columns:
-                ref_scores[(task, metric)] = float(ref_table[(task, metric)].mean())
+            for metric in full[task].columns:
+                ref_scores[(task, metric)] = float(full[(task, metric)].mean())
     notes = [n for label, run in zip(labels, runs) for n in shortfalls(run, label, entries[label][1])]
-    base = entries[labels[0]][0]
+    notes += [f"{d}; compared anyway (--allow-mismatch)" for d in differ]
     tasks = list(dict.fromkeys(t for scores, _, _ in entries.values() for t in scores.columns if t != "mean"))
+    shared = [t for t in tasks if all(t in e[0].columns for e in entries.values())]
+    if shared != tasks:
+        notes.append(f"not every run has the task(s) {', '.join(t for t in tasks if t not in shared)}: shown, but "
+                     "left out of the score, the differences and Δm" + (
+                         "" if shared else "; the runs share no task, so there is no score to compare"))
     kinds = {t: info["tasks"][t] for _, _, info in reversed(list(entries.values())) for t in info["tasks"]}
-    check_kinds(entries, labels)
+    primary = {t: kinds[t]["primary"] for t in tasks}
+    unit = {t: kinds[t]["units"].get(primary[t], "") for t in tasks}
+    base = _scores_over(entries[labels[0]][0], shared, tasks)
     rows = []
     for label, run in zip(labels, runs):
         scores, _, info = entries[label]
+        scores = _scores_over(scores, shared, tasks)
         row = {"run": label, "path": str(run), "seeds": len(scores), "epochs": max(info["epochs"]),
                "best_epoch": float(np.mean(info["best_epoch"])),
                "parameters": info["model_stats"].get("parameters"), "macs": info["model_stats"].get("macs_per_example")}
-        for task in tasks + ["mean"]:
-            col = scores[task] if task in scores else pd.Series(dtype=float)
+        for task in tasks + ["score"]:
+            u = PERCENT if task == "score" else unit[task]
+            key = "score" if task == "score" else f"{task}:{primary[task]}"
+            col = scores[task] * scale(u) if task in scores else pd.Series(dtype=float)
             mean, std, low, high = interval(col)
-            row.update({f"test_{task}": mean, f"test_{task}_std": std, f"test_{task}_ci_low": low,
-                        f"test_{task}_ci_high": high})
-            if task in base and len(col):
-                diff, p, n = paired(col, base[task])
-                row.update({f"diff_{task}_pp": 100 * diff, f"diff_{task}_p": p, f"diff_{task}_paired": n})
+            row.update({labelled(key, u): mean, f"{labelled(key, u)} std": std,
+                        f"{labelled(key, u)} ci_low": low, f"{labelled(key, u)} ci_high": high})
+            if (task == "score" or task in shared) and len(col) and task in base:
+                diff, p, n = paired(col, base[task] * scale(u))
+                row.update({labelled(f"{key} diff", "points" if u == PERCENT else u): diff, f"{key} p": p,
+                            f"{key} paired seeds": n})
         full = info["full"]
         for task in tasks:  # every metric of every task, averaged over seeds
             for metric in (full[task].columns if task in full.columns.get_level_values(0) else ()):
-                row[f"{task}:{metric}"] = float(full[(task, metric)].mean())
-        row["delta_m"] = delta_m({(t, m): float(full[(t, m)].mean()) for t, m in full.columns}, ref_scores,
-                                 info["tasks"])
+                u = kinds[task]["units"].get(metric, "")
+                row[_key(task, metric, u)] = float(full[(task, metric)].mean()) * scale(u)
+        row[labelled("delta_m", PERCENT)] = delta_m(
+            {(t, m): float(full[(t, m)].mean()) for t, m in full.columns}, ref_scores,
+            {t: info["tasks"][t] for t in (shared or list(info["tasks"])) if t in info["tasks"]})
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.attrs["tasks"] = tasks
-    table.attrs["primary"] = {t: kinds[t]["primary"] for t in tasks}
-    table.attrs["notes"] = notes
+    table.attrs.update(tasks=tasks, shared=shared, primary=primary, units=unit, notes=notes)
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
-    metrics = {f"{label}" + (f" (seed {s})" if len(entries[label][1]) > 1 else ""): df
-               for label in labels for s, df in entries[label][1].items()}
-    figures = plots.curves(metrics, out, {t: kinds[t]["primary"] for t in tasks})
+    series = {label: curve_series(entries[label][1]) for label in labels}
+    panels = [(t, primary[t], unit[t]) for t in tasks] + [("mean", "score", PERCENT)]
+    figures = plots.curves(series, out, panels, weights=any(
+        ((df.metric == "loss_weight") & (df.value != 1)).any() for e in entries.values() for df in e[1].values()))
     finals = {}
     for label, run in zip(labels, runs):
         files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]
@@ -315,71 +413,103 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None) -
                                                  finite=("value",)) for f in files)
     if finals:
         figures.append(plots.alpha_side_by_side(finals, out / "alpha.png"))
-    write_report(table, tasks, figures, out, [str(r) for r in ref_paths], notes)
+    first = {label: next(iter(e[2]["configs"].values())) for label, e in entries.items()}
+    write_report(table, figures, out, [str(r) for r in ref_paths], notes, first)
     return table, figures
 
 
-def _cell(row: pd.Series, task: str, first: bool) -> str:
-    mean = row.get(f"test_{task}")
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _scores_over(scores: pd.DataFrame, shared: list[str], tasks: list[str]) -> pd.DataFrame:
+    """The entry's scores with ``score``: its recorded score where it has exactly the shared tasks, else the
+    mean of the shared tasks' primary metrics (NaN where no task is shared)."""
+    scores = scores.copy()
+    own = [t for t in scores.columns if t != "mean"]
+    if set(own) == set(shared):
+        scores["score"] = scores["mean"]
+    else:
+        scores["score"] = scores[shared].mean(axis=1) if shared else np.nan
+    return scores.drop(columns="mean")
+
+
+def _cell(row: pd.Series, key: str, unit: str, first: bool) -> str:
+    name = labelled(key, unit)
+    mean = row.get(name)
+    if mean is None or pd.isna(mean):
         return "–"
-    text = f"{100 * mean:.2f}"
-    std, low, high = row.get(f"test_{task}_std"), row.get(f"test_{task}_ci_low"), row.get(f"test_{task}_ci_high")
-    if std is not None and not math.isnan(std):
-        text += f" ± {100 * std:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
-    diff = row.get(f"diff_{task}_pp")
-    if not first and diff is not None and not math.isnan(diff):
-        p = row.get(f"diff_{task}_p")
-        text += f" ({diff:+.2f}" + (f", p={p:.3g}" if p is not None and not math.isnan(p) else "") + ")"
+    digits = (lambda v: f"{v:.2f}") if unit == PERCENT else (lambda v: f"{v:.3g}")
+    text = digits(mean)
+    std, low, high = row.get(f"{name} std"), row.get(f"{name} ci_low"), row.get(f"{name} ci_high")
+    if std is not None and not pd.isna(std):
+        text += f" ± {digits(std)} [{digits(low)}, {digits(high)}]"
+    diff = row.get(labelled(f"{key} diff", "points" if unit == PERCENT else unit))
+    if not first and diff is not None and not pd.isna(diff):
+        p = row.get(f"{key} p")
+        text += f" ({diff:+.2f}" if unit == PERCENT else f" ({diff:+.3g}"
+        text += (f", p={p:.3g}" if p is not None and not pd.isna(p) else "") + ")"
     return text
 
 
-def format_rows(table: pd.DataFrame, tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+def format_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by the console table and REPORT.md."""
-    primary = table.attrs.get("primary", {})
-    header = ["run", "seeds", "params", "MACs/example"] + [f"{t} {primary.get(t, 'accuracy')}" for t in tasks] + \
-        ["score", "Δm %"]
+    tasks, primary, unit = table.attrs["tasks"], table.attrs["primary"], table.attrs["units"]
+    header = ["run", "seeds", "params", "MACs/example"] + \
+        [labelled(f"{t} {primary[t]}", unit[t]) for t in tasks] + ["score [%]", "Δm [%]"]
     cells = []
     for i, row in table.iterrows():
-        params = row.get("parameters")
-        macs = row.get("macs")
+        params, macs, dm = row.get("parameters"), row.get("macs"), row.get(labelled("delta_m", PERCENT))
         cells.append([row.run, str(row.seeds),
                       f"{params / 1e6:.2f}M" if params is not None and not pd.isna(params) else "–",
                       f"{macs / 1e6:.1f}M" if macs is not None and not pd.isna(macs) else "–",
-                      *[_cell(row, t, i == 0) for t in tasks + ["mean"]],
-                      "–" if pd.isna(row.delta_m) else f"{row.delta_m:+.2f}"])
+                      *[_cell(row, f"{t}:{primary[t]}", unit[t], i == 0) for t in tasks],
+                      _cell(row, "score", PERCENT, i == 0),
+                      "–" if dm is None or pd.isna(dm) else f"{dm:+.2f}"])
     return header, cells
 
 
-def write_report(table: pd.DataFrame, tasks: list[str], figures: list[Path], out: Path, refs: list[str],
-                 notes: list[str] = ()) -> None:
-    header, cells = format_rows(table, tasks)
-    lines = [
-        "# csnet comparison", "",
-        "Each task's primary test metric (%) at each run's best validation epoch, and the score (their "
-        "mean, which picks that epoch on validation). With several seeds: mean ± std "
-        "[95% t-interval]; in brackets the difference from the first run in points and the p-value of a "
-        "paired t-test over the seeds both runs have (Welch's test where they share none). "
+def _setting(value) -> str:
+    text = "–" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text.replace("|", "\\|")
+
+
+def write_report(table: pd.DataFrame, figures: list[Path], out: Path, refs: list[str], notes: list[str],
+                 configs: dict[str, dict]) -> None:
+    """REPORT.md: what the runs were (command lines, the settings in which they differ), then the table."""
+    header, cells = format_rows(table)
+    lines = ["# csnet comparison", "", "## Runs", ""]
+    lines += [f"- **{label}** ({row.seeds} seed{'s' if row.seeds > 1 else ''}): `{command_line(configs[label])}`"
+              for label, (_, row) in zip(configs, table.iterrows())]
+    differ = differing_settings(configs)
+    lines += ["", "Settings in which they differ:" if differ else "They differ in no recorded setting.", ""]
+    if differ:
+        lines += ["| setting | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+        lines += [f"| {k} | " + " | ".join(_setting(v[label]) for label in configs) + " |" for k, v in differ.items()]
+    lines += [
+        "", "## Results", "",
+        "Each task's primary test metric at each run's best validation epoch, and the score (the mean of "
+        "the primary metrics as fractions, in %, which picks that epoch on validation). Percent for "
+        "fractions, the target's units for errors. With several seeds: mean ± std [95% t-interval]; in "
+        "brackets the difference from the first run (points for percentages) and the p-value of a paired "
+        "t-test over the seeds both runs have (Welch's test where they share none). "
         f"Δm: mean relative change per task against {', '.join(refs)}, its sign flipped for lower-is-better "
-        "metrics (every metric of every run is in compare.csv).", "",
+        "metrics. Every metric of every run is in compare.csv.", "",
         "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         *["| " + " | ".join(c) + " |" for c in cells], "",
         *[f"**Note:** {n}." for n in notes], *([""] if notes else []),
     ]
-    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    lines += [f"![{f.stem}]({f.name})" for f in figures if f.suffix == ".png"]
     runio.atomic_write(out / "REPORT.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def write_summary(group: Path) -> pd.DataFrame:
     """OUT/summary.csv of a --seeds folder: per task its primary test metric at the best validation epoch,
-    and the score, over seeds: n, mean, std, 95% t-interval."""
+    and the score, over seeds: n, mean, std, 95% t-interval, in the metric's unit (percent for fractions)."""
     scores, _, info = entry_scores(group)
     rows = []
     for task in scores.columns:
-        mean, std, low, high = interval(scores[task])
         metric = info["tasks"][task]["primary"] if task in info["tasks"] else "score"
-        rows.append({"task": task, "metric": metric, "seeds": int(scores[task].notna().sum()), "mean": mean,
-                     "std": std, "ci_low": low, "ci_high": high})
+        unit = info["tasks"][task]["units"].get(metric, "") if task in info["tasks"] else PERCENT
+        mean, std, low, high = interval(scores[task] * scale(unit))
+        rows.append({"task": task, "metric": metric, "unit": unit, "seeds": int(scores[task].notna().sum()),
+                     "mean": mean, "std": std, "ci_low": low, "ci_high": high})
     summary = pd.DataFrame(rows)
     runio.atomic_write(Path(group) / runio.SUMMARY, lambda f: f.write(summary.to_csv(index=False, float_format="%.6g").encode()))
     return summary

@@ -30,6 +30,20 @@ from csnet.errors import CsnetError, UsageError
 if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: compare never needs it
     import torch
 
+# The command line a run records in config.json (compare's REPORT.md opens with it). The CLI sets it to
+# what was typed; from Python it is the script's sys.argv.
+_command_line: list[str] | None = None
+
+
+def set_command_line(argv: list[str]) -> None:
+    global _command_line
+    _command_line = list(argv)
+
+
+def command_line() -> list[str]:
+    return list(_command_line if _command_line is not None else sys.argv)
+
+
 RUNS_DIR = Path("runs")
 CONFIG = "config.json"
 METRICS = "metrics.csv"

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from csnet import data as data_lib
 from csnet import distributed, plots, runio, weightings
-from csnet.compare import read_metrics, task_info
+from csnet.compare import curve_series, read_metrics, task_info
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
@@ -20,11 +20,12 @@ from csnet.config import is_custom
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
+from csnet.units import PERCENT, with_unit
 from csnet.train import TrainConfig, deterministic_algorithms, evaluate, fit, resolve_device, selection
 
 
 def _config(command: str, device: torch.device, **sections) -> dict:
-    return {"command": command, **sections, "environment": runio.environment(device)}
+    return {"command": command, "argv": runio.command_line(), **sections, "environment": runio.environment(device)}
 
 
 def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | None) -> None:
@@ -204,9 +205,11 @@ def _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, resume) -
     _outputs(run)
     _drop_last(run, train_cfg)
     if best.get("selected_by", "val score") == "val score":
-        what = f"val score {best['val_score']:.4f}"
+        what = f"val score {with_unit(best['val_score'], PERCENT)}"
     else:
-        what = f"{best['selected_by']} {abs(best['val_score']):.4f}"
+        task, metric = best["selected_by"].removeprefix("val ").rsplit(" ", 1)
+        unit = model_cfg.task_list()[task].units.get(metric, "") if task in model_cfg.tasks else ""
+        what = f"{best['selected_by']} {with_unit(abs(best['val_score']), unit)}"
     console.print(f"best epoch {best['epoch']} ({what}); run saved in {run}", highlight=False)
     return run
 
@@ -234,7 +237,10 @@ def _outputs(run: Path) -> None:
     (run / "plots").mkdir(exist_ok=True)
     metrics = read_metrics(run)
     tasks = [t for t in dict.fromkeys(metrics.task) if t not in ("mean", "total", "all")]
-    plots.curves({run.name: metrics}, run / "plots", {t: i["primary"] for t, i in task_info(run, tasks).items()})
+    info = task_info(run, tasks)
+    panels = [(t, i["primary"], i["units"].get(i["primary"], "")) for t, i in info.items()] + [("mean", "score", "%")]
+    plots.curves({run.name: curve_series({0: metrics})}, run / "plots", panels,
+                 weights=bool(((metrics.metric == "loss_weight") & (metrics.value != 1)).any()))
     plots.alpha_plots(run)
 
 
@@ -294,7 +300,8 @@ def _finish_seeds(seeds: list[int], out: Path, console: Console, one) -> Path:
         return out
     summary = write_summary(out)
     console.print(f"over {len(seeds)} seeds: " + "; ".join(
-        f"{r.task} {r.metric} {100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for _, r in summary.iterrows()) +
+        f"{r.task} {r.metric} {r['mean']:.4g} ± {r['std']:.2g}{' ' + r.unit if r.unit else ''}"
+        for _, r in summary.iterrows()) +
         f"; summary in {out / runio.SUMMARY}", highlight=False)
     return out
 

@@ -31,6 +31,7 @@ from csnet.config import TrainConfig  # noqa: F401  (re-exported: the training s
 from csnet.settings import MAX_SEED
 from csnet.state import StopRequest, capture_rng, restore_rng
 from csnet.tasks import HIGHER, Task
+from csnet.units import PERCENT, with_unit
 
 @contextmanager
 def deterministic_algorithms(on: bool):
@@ -306,11 +307,12 @@ class Interrupted(CsnetError):
 
 def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, speed: float,
                 tasks: dict[str, Task]) -> str:
-    primaries = " ".join(f"{t} {task.primary} {val[t][task.primary]:.4f}" for t, task in tasks.items())
+    primaries = " ".join(f"{t} {task.primary} {with_unit(val[t][task.primary], task.units.get(task.primary, ''))}"
+                         for t, task in tasks.items())
     return (
         f"epoch {epoch}/{epochs}  train loss (sum) {train['total']['loss']:.4f}  "
-        f"val {primaries} (score {val['mean']['score']:.4f})  "
-        f"test score {test['mean']['score']:.4f}  {speed:,.0f} ex/s"
+        f"val {primaries} (score {with_unit(val['mean']['score'], PERCENT)})  "
+        f"test score {with_unit(test['mean']['score'], PERCENT)}  {speed:,.0f} ex/s"
     )
 
 

@@ -78,7 +78,7 @@ for _ in range(3):
                                                          text=True, check=True).stdout.split()]
                    for mode in ("default", "keep")}
     assert handed_back["default"][0] >= 10
-    assert handed_back["keep"] == [0, 0, 0]
+    assert max(handed_back["keep"]) <= 0  # nothing handed back (the RSS may grow by a page or so meanwhile)
 
 
 def test_epoch_overhead_reads_each_epoch_of_a_real_run(data_root, monkeypatch):

@@ -77,7 +77,9 @@ def test_run_folders_hold_config_metrics_checkpoints_and_plots(pipeline):
     ckpt = torch.load(run / "model.pt", weights_only=True, map_location="cpu")
     assert list(ckpt["model_config"]["tasks"]) == ["fine", "coarse"]
     assert config["tasks"]["fine"] == {"kind": "classification", "primary": "accuracy", "delta": ["accuracy"],
-                                       "metrics": {"accuracy": "higher", "macro_f1": "higher"}}
+                                       "metrics": {"accuracy": "higher", "macro_f1": "higher"},
+                                       "units": {"accuracy": "%", "macro_f1": "%"}}
+    assert config["argv"][:2] == ["csnet", "train"] and "--stitch-lr-mult" in config["argv"]
 
 
 def copy_run(run, dest):
@@ -118,19 +120,75 @@ def test_compare_table_and_plots(pipeline, cli, tmp_path, n_runs):
     assert "base" in out and "cs" in out
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert list(table.run) == [r.name for r in runs]
-    assert table.diff_mean_pp.iloc[0] == 0
     m = pd.read_csv(pipeline / "cs" / "metrics.csv")
     val = m[(m.split == "val") & (m.task == "mean") & (m.metric == "score")].set_index("epoch").value
     best = int(val.idxmax())
     row = table.set_index("run").loc["cs"]
     assert row.best_epoch == best
-    test_mean = m[(m.split == "test") & (m.task == "mean") & (m.metric == "score") & (m.epoch == best)].value.item()
-    assert row.test_mean == pytest.approx(test_mean)
-    assert row.diff_mean_pp == pytest.approx((test_mean - table.test_mean.iloc[0]) * 100)
-    if n_runs == 3:  # a single-task run has no coarse column
-        assert pd.isna(table.set_index("run").loc["pre-fine", "test_coarse"])
-    for png in ("test_metrics.png", "train_loss.png"):
-        assert (tmp_path / "cmp" / png).stat().st_size > 1000
+
+    def at_best(run, task, metric):
+        m = pd.read_csv(pipeline / run / "metrics.csv")
+        epoch = m[(m.split == "val") & (m.task == "mean") & (m.metric == "score")].set_index("epoch").value.idxmax()
+        return m[(m.split == "test") & (m.task == task) & (m.metric == metric) & (m.epoch == epoch)].value.item()
+
+    assert row["fine:accuracy [%]"] == pytest.approx(100 * at_best("cs", "fine", "accuracy"))  # percent
+    assert row["fine:macro_f1 [%]"] == pytest.approx(100 * at_best("cs", "fine", "macro_f1"))
+    if n_runs == 2:  # the same tasks: the score is each run's own, the difference in points
+        assert row["score [%]"] == pytest.approx(100 * at_best("cs", "mean", "score"))
+        assert row["score diff [points]"] == pytest.approx(100 * (at_best("cs", "mean", "score")
+                                                                  - at_best("base", "mean", "score")))
+        assert table["score diff [points]"].iloc[0] == 0
+    else:  # a single-task run: coarse is shown where it exists, but the score is fine's alone, as are differences
+        pre = table.set_index("run").loc["pre-fine"]
+        assert pd.isna(pre["coarse:accuracy [%]"]) and not pd.isna(row["coarse:accuracy [%]"])
+        assert row["score [%]"] == pytest.approx(100 * at_best("cs", "fine", "accuracy"))
+        assert "coarse:accuracy diff [points]" not in table and "fine:accuracy diff [points]" in table
+        assert "left out of the score" in (tmp_path / "cmp" / "REPORT.md").read_text()
+    for figure in ("test_metrics", "train_loss"):
+        assert (tmp_path / "cmp" / f"{figure}.png").stat().st_size > 1000
+        assert (tmp_path / "cmp" / f"{figure}.pdf").read_bytes().startswith(b"%PDF")
+    report = (tmp_path / "cmp" / "REPORT.md").read_text()
+    assert report.index("## Runs") < report.index("## Results")
+    assert f"**cs** (1 seed): `csnet train --from {pipeline / 'stitched'}" in report
+    assert "| model.stitch | none | all |" in report  # base vs cs: the settings in which they differ
+
+
+def test_compare_refuses_runs_tested_on_other_data_unless_allowed(pipeline, shared_data_root, cli, tmp_path):
+    _ok(cli("train", "--stitch", "none", "--data-root", shared_data_root, *SMALL, "--test-size", "150",
+            "--out", tmp_path / "small-test"))
+    code, _, err = cli("compare", pipeline / "base", tmp_path / "small-test", "--out", tmp_path / "cmp")
+    assert code == 2 and err.count("\n") == 1
+    assert "base and small-test differ in test examples (200 vs 150)" in err and "--allow-mismatch" in err
+    assert not (tmp_path / "cmp").exists()
+    _ok(cli("compare", pipeline / "base", tmp_path / "small-test", "--allow-mismatch", "--out", tmp_path / "cmp"))
+    report = (tmp_path / "cmp" / "REPORT.md").read_text()
+    assert "differ in test examples (200 vs 150); compared anyway (--allow-mismatch)" in report
+    assert "| data.test_size | – | 150 |" in report
+
+
+def test_compare_imports_no_torch(pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    probe = ("import sys; from csnet.cli import main; assert main(sys.argv[1:]) == 0; "
+             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, "compare", str(pipeline / "base"), str(pipeline / "cs"),
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_curve_bands_are_the_tables_interval():
+    from csnet.compare import curve_series, interval
+
+    seeds = {s: pd.DataFrame({"epoch": [1, 2], "split": "test", "task": "mean", "metric": "score",
+                              "value": [0.5 + 0.01 * s, 0.6 + 0.02 * s]}) for s in range(3)}
+    series = curve_series(seeds).set_index("epoch")
+    mean, _, low, high = interval(pd.Series([0.6, 0.62, 0.64]))
+    assert series.loc[2, "mean"] == pytest.approx(mean) and (series.loc[2, "low"], series.loc[2, "high"]) == \
+        pytest.approx((low, high))
+    one = curve_series({0: seeds[0]})
+    assert one["low"].isna().all()  # one seed: a line, no band
 
 
 def _help(*command) -> str:

@@ -40,7 +40,8 @@ def test_csv_label_columns_are_never_features(cli, tmp_path):
     assert code == 0, err
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["model"]["in_features"] == 3 and config["data_stats"]["test"] == 20
-    code, _, err = cli("train", "--dataset", data, "--tasks", "is_young,gender", "--quiet", "--out", tmp_path / "t")
+    code, _, err = cli("train", "--dataset", data, "--tasks", "is_young,gender", "--test-size", "20", "--quiet",
+                       "--out", tmp_path / "t")
     assert code == 0, err
     code, out, err = cli("compare", tmp_path / "t", tmp_path / "p", "--out", tmp_path / "cmp")
     assert code == 0, err

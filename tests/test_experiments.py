@@ -163,11 +163,14 @@ def test_seeds_compare_with_intervals_p_values_and_delta_m(cli, data_root, tmp_p
     assert code == 0, err
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv").set_index("run")
     cs, base = table.loc["cs"], table.loc["base"]
-    assert cs.seeds == 3 and cs.test_mean_std > 0 and cs.test_mean_ci_low < cs.test_mean < cs.test_mean_ci_high
-    assert 0 <= cs.diff_mean_p <= 1 and cs.diff_mean_paired == 3
+    score = "score [%]"
+    assert cs.seeds == 3 and cs[f"{score} std"] > 0 and cs[f"{score} ci_low"] < cs[score] < cs[f"{score} ci_high"]
+    assert 0 <= cs["score p"] <= 1 and cs["score paired seeds"] == 3
     assert cs.parameters == base.parameters + 4480 and cs.macs > base.macs
     ref_fine = pd.read_csv(tmp_path / "pre-fine" / "summary.csv").set_index("task").loc["fine", "mean"]
-    assert cs.delta_m == pytest.approx(100 * (cs.test_fine - ref_fine) / ref_fine, rel=1e-4)  # coarse: no reference
+    assert summary.loc["mean", "unit"] == "%" and 50 < summary.loc["mean", "mean"] <= 100  # percent
+    # coarse has no reference; the summary's percent and the table's percent give the same ratio
+    assert cs["delta_m [%]"] == pytest.approx(100 * (cs["fine:accuracy [%]"] - ref_fine) / ref_fine, rel=1e-4)
     report = (tmp_path / "cmp" / "REPORT.md").read_text()
     assert "| run | seeds | params |" in report and "![test_metrics](test_metrics.png)" in report
     assert "![alpha](alpha.png)" in report and (tmp_path / "cmp" / "alpha.png").is_file()
@@ -217,7 +220,8 @@ def test_two_domain_path_end_to_end(cli, two_domain_root, tmp_path):
                        "--reference", tmp_path / "mnist", "--reference", tmp_path / "fashion", "--out", tmp_path / "cmp")
     assert code == 0, err
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv").set_index("run")
-    assert table.loc["cs", ["test_mnist", "test_fashion"]].notna().all() and not math.isnan(table.loc["cs", "delta_m"])
+    assert table.loc["cs", ["mnist:accuracy [%]", "fashion:accuracy [%]"]].notna().all()
+    assert not math.isnan(table.loc["cs", "delta_m [%]"])  # no task in every run: Δm over each run's own tasks
 
 
 def test_each_two_domain_image_is_labelled_for_its_own_domain_only(two_domain_root):

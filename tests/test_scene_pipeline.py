@@ -99,8 +99,10 @@ def test_compare_uses_the_primary_metrics_and_delta_m_against_the_references(run
            + at_best(m, "segment", "pixel_accuracy") / at_best(refs["segment"], "segment", "pixel_accuracy") - 1) / 2
     depth = -(at_best(m, "depth", "abs_err") / at_best(refs["depth"], "depth", "abs_err") - 1
               + at_best(m, "depth", "abs_rel") / at_best(refs["depth"], "depth", "abs_rel") - 1) / 2
-    assert table.loc["from", "delta_m"] == pytest.approx(100 * (seg + depth) / 2, rel=1e-4)
-    assert table.loc["from", "depth:abs_err"] == pytest.approx(at_best(m, "depth", "abs_err"), rel=1e-5)
+    assert table.loc["from", "delta_m [%]"] == pytest.approx(100 * (seg + depth) / 2, rel=1e-4)
+    assert table.loc["from", "depth:abs_err [depth units]"] == pytest.approx(at_best(m, "depth", "abs_err"), rel=1e-5)
+    assert table.loc["from", "segment:miou [%]"] == pytest.approx(100 * at_best(m, "segment", "miou"), rel=1e-5)
+    assert table.loc["from", "depth:abs_rel"] == pytest.approx(at_best(m, "depth", "abs_rel"), rel=1e-5)  # a ratio
 
 
 def test_a_dense_run_resumes_exactly(runs, cli, tmp_path, monkeypatch):

@@ -37,6 +37,9 @@ class Task:
     dense: ClassVar[bool] = False  # per-pixel outputs at the input's resolution
     metrics: ClassVar[dict[str, str]]  # name -> HIGHER or LOWER is better
     primary: ClassVar[str]  # the metric model selection uses: higher is better, on a fraction's scale
+    # How each metric is shown to people: "%" for a fraction (stored as one, shown x100), a unit's name
+    # for an error in the target's units, nothing for a plain number (R², a ratio).
+    units: ClassVar[dict[str, str]] = {}
     delta: ClassVar[tuple[str, ...]]  # the metrics Δm averages over (Maninis et al., CVPR 2019)
     losses: ClassVar[tuple[str, ...]]  # allowed losses, the first the default
     standardized: ClassVar[bool] = False  # targets z-scored with training statistics inside the run
@@ -102,7 +105,8 @@ class Task:
 
     def describe(self) -> dict:
         """What compare and the plots need to read this task's metrics, written into config.json."""
-        return {"kind": self.spec, "primary": self.primary, "metrics": dict(self.metrics), "delta": list(self.delta)}
+        return {"kind": self.spec, "primary": self.primary, "metrics": dict(self.metrics), "delta": list(self.delta),
+                "units": dict(self.units)}
 
     # ---------------------------------------------------------------- helpers for kinds
 

@@ -15,6 +15,7 @@ class Classification(Task):
     kind = "classification"
     metrics = {"accuracy": HIGHER, "macro_f1": HIGHER}
     primary = "accuracy"
+    units = {"accuracy": "%", "macro_f1": "%"}
     delta = ("accuracy",)
     losses = ("cross-entropy",)
 

@@ -21,6 +21,7 @@ class Depth(Task):
     dense = True
     metrics = {"abs_err": LOWER, "rmse": LOWER, "abs_rel": LOWER, "delta1": HIGHER}
     primary = "delta1"
+    units = {"abs_err": "depth units", "rmse": "depth units", "delta1": "%"}
     delta = ("abs_err", "abs_rel")
     losses = ("l1", "mse")
     standardized = True

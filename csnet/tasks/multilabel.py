@@ -24,6 +24,7 @@ class Multilabel(Task):
     kind = "multilabel"
     metrics = {"accuracy": HIGHER, "mean_ap": HIGHER}
     primary = "mean_ap"
+    units = {"accuracy": "%", "mean_ap": "%"}
     delta = ("mean_ap",)
     losses = ("bce",)
 

@@ -18,6 +18,7 @@ class Regression(Task):
     kind = "regression"
     metrics = {"mae": LOWER, "rmse": LOWER, "r2": HIGHER}
     primary = "r2"
+    units = {"mae": "target units", "rmse": "target units"}
     delta = ("mae", "rmse")
     losses = ("mse", "l1")
     standardized = True

@@ -18,6 +18,7 @@ class Segmentation(Task):
     dense = True
     metrics = {"miou": HIGHER, "pixel_accuracy": HIGHER}
     primary = "miou"
+    units = {"miou": "%", "pixel_accuracy": "%"}
     delta = ("miou", "pixel_accuracy")
     losses = ("cross-entropy",)
 
