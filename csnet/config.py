@@ -110,6 +110,8 @@ class TrainConfig:
     # last.pt (the whole training state, several times model.pt's size) is removed when the run ends
     # normally; kept with keep_last, to extend the run later with --resume --epochs N.
     keep_last: bool = False
+    # metrics.csv's values also as TensorBoard scalars in RUN/tensorboard/ (the optional tensorboard package)
+    tensorboard: bool = False
 
     def __post_init__(self):
         finite = math.isfinite

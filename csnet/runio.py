@@ -49,6 +49,7 @@ CONFIG = "config.json"
 METRICS = "metrics.csv"
 MODEL = "model.pt"
 LAST = "last.pt"
+TENSORBOARD = "tensorboard"
 METRIC_FIELDS = ("epoch", "split", "task", "metric", "value")
 CHECKPOINT_FORMAT = "csnet-checkpoint-v1"
 
@@ -68,7 +69,7 @@ ALPHA_FINAL = "alpha_final.csv"
 ALPHA_FIELDS = ("epoch", "point", "target", "source", "mean", "std")
 SEEDS = "seeds.json"  # marks a folder of seed-N runs made by --seeds
 SUMMARY = "summary.csv"
-RUN_FILES = (CONFIG, METRICS, MODEL, LAST, ALPHA, ALPHA_FINAL, "eval.csv", "plots", SEEDS, SUMMARY)
+RUN_FILES = (CONFIG, METRICS, MODEL, LAST, ALPHA, ALPHA_FINAL, "eval.csv", "plots", SEEDS, SUMMARY, TENSORBOARD)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -366,15 +367,46 @@ class CsvAppender:
 
 
 class MetricsWriter(CsvAppender):
-    """metrics.csv: epoch, split, task, metric, value."""
+    """metrics.csv: epoch, split, task, metric, value; with ``tensorboard`` (a folder) the same values as
+    TensorBoard scalars, tagged TASK/METRIC/SPLIT so a metric's splits share a chart."""
 
-    def __init__(self, path: Path, keep_before_epoch: int | None = None):
+    def __init__(self, path: Path, keep_before_epoch: int | None = None, tensorboard: Path | None = None):
         super().__init__(path, METRIC_FIELDS, keep_before_epoch)
+        self._board = None
+        if tensorboard is not None:
+            if problem := tensorboard_problem():  # e.g. a --resume where the package has gone since
+                raise UsageError(problem)
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's later epochs are written again, as in metrics.csv
+            self._board = SummaryWriter(str(tensorboard), purge_step=keep_before_epoch)
 
     def write(self, epoch: int, split: str, values: dict[str, dict[str, float]]) -> None:
         """``values`` is {task: {metric: value}}."""
         self.rows((epoch, split, task, metric, f"{value:.6g}")
                   for task, metrics in values.items() for metric, value in metrics.items())
+        if self._board is not None:
+            for task, metrics in values.items():
+                for metric, value in metrics.items():
+                    self._board.add_scalar(f"{task}/{metric}/{split}", value, epoch)
+            self._board.flush()
+
+    def close(self) -> None:
+        super().close()
+        if self._board is not None:
+            self._board.close()
+
+
+def tensorboard_problem() -> str | None:
+    """Why --tensorboard cannot run here (the optional package is missing), or None."""
+    import importlib
+
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:
+        return ("--tensorboard needs the tensorboard package, an optional extra: pip install 'csnet[tensorboard]' "
+                "(or pip install tensorboard)")
+    return None
 
 
 def truncate_metrics(path: Path, before_epoch: int, fields: tuple[str, ...] = METRIC_FIELDS) -> None:

@@ -316,6 +316,8 @@ def over_seeds(seeds: list[int], out: Path, force: bool, console: Console, one, 
 def check_training(model_cfg: ModelConfig | None, train_cfg: TrainConfig, net=None) -> None:
     """The settings that depend on the tasks (--select, --weighting), checked before any folder is made;
     with ``net``, also that the weighting can train that network."""
+    if train_cfg.tensorboard and (problem := runio.tensorboard_problem()):
+        raise UsageError(problem)
     if model_cfg is None:
         return
     tasks = model_cfg.task_list()

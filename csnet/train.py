@@ -441,7 +441,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         })
 
     keep = epoch if resume is not None else None
-    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep) if main else None
+    writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep,
+                                 tensorboard=run / runio.TENSORBOARD if cfg.tensorboard else None) if main else None
     alphas = runio.CsvAppender(run / runio.ALPHA, runio.ALPHA_FIELDS, keep) if net.units and main else None
     if alphas is not None and resume is None:
         alphas.rows(alpha_rows(net, 0))  # the initialisation, so trajectories start where training did

@@ -235,6 +235,24 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
         assert result.stdout.strip().splitlines()[-1] == "[]", (argv, result.stdout, result.stderr)
 
 
+def test_tensorboard_scalars_are_the_metrics(cli, shared_data_root, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    _ok(cli("train", "--stitch", "none", "--data-root", shared_data_root, *SMALL, "--epochs", "2", "--tensorboard",
+            "--out", run))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    m = pd.read_csv(run / "metrics.csv")
+    assert len(events.Tags()["scalars"]) == len(m.groupby(["split", "task", "metric"]))
+    for _, r in m[m.metric.isin(["accuracy", "score", "loss"])].iterrows():
+        got = {e.step: e.value for e in events.Scalars(f"{r.task}/{r.metric}/{r.split}")}
+        assert got[r.epoch] == pytest.approx(r.value, rel=1e-5)
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as without the package
+    code, _, err = cli("train", "--tensorboard", "--out", tmp_path / "no")
+    assert code == 2 and "pip install 'csnet[tensorboard]'" in err and not (tmp_path / "no").exists()
+
+
 def test_shell_completion_completes_commands_and_options():
     import os
     import subprocess
