@@ -40,7 +40,7 @@ data: $(STAMP)
 	elif command -v apt-get >/dev/null 2>&1; then \
 		echo "Fashion-MNIST not found. Install it with: sudo apt-get install dataset-fashion-mnist"; \
 	else \
-		echo "Fashion-MNIST not found. Put the four IDX files in ./data/fashion-mnist/ (see README)"; \
+		echo "Fashion-MNIST not found. Put the four IDX files in ./data/fashion-mnist/ (see docs/data.md)"; \
 	fi
 
 demo: install
@@ -70,7 +70,7 @@ reproduce-fashion: install
 	$(CSNET) compare $(RUN)/baseline $(RUN)/cross-stitch --out $(RUN)/compare
 
 # Experiment 2: MLP columns pretrained per domain, stitched, then only the units trained on 2,000
-# images of the shuffled MNIST + Fashion-MNIST union. Needs MNIST in DATA_ROOT/mnist (see README).
+# images of the shuffled MNIST + Fashion-MNIST union. Needs MNIST in DATA_ROOT/mnist (see docs/data.md).
 reproduce-two-domains: install
 	$(CSNET) pretrain --config configs/two-domains.toml --dataset mnist+fashion --task mnist $(SCALE) --quiet --out $(RUN)/mnist
 	$(CSNET) pretrain --config configs/two-domains.toml --dataset mnist+fashion --task fashion $(SCALE) --quiet --out $(RUN)/fashion
@@ -157,7 +157,7 @@ data-starved: install
 	$(CSNET) train --config configs/data-starved.toml --stitch all --starve fine=1000 $(SCALE) --quiet --out $(RUN)/cross-stitch
 	$(CSNET) compare $(RUN)/independent $(RUN)/cross-stitch --out $(RUN)/compare
 
-# Throughput side by side and a two-epoch full-data run (see README, Speed): about 5 minutes on 2 cores.
+# Throughput side by side and a two-epoch full-data run (see docs/speed.md): about 5 minutes on 2 cores.
 bench: install
 	$(CSNET) bench
 

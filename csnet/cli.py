@@ -81,7 +81,7 @@ Seeds = Annotated[Optional[str], typer.Option(
 Device = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu or cuda.")]
 Backbone = Annotated[Optional[str], typer.Option(
     help=f"Column architecture: {', '.join(BACKBONES)}, or module.path:function returning (nn.Module, "
-         "[stitch point names]) (see README). torchvision nets repeat a gray channel to RGB; VGG pads 28 px to 32. "
+         "[stitch point names]) (see docs/models.md). torchvision nets repeat a gray channel to RGB; VGG pads 28 px to 32. "
          "With --from or --resume: only the run's own module.path:function, to allow importing it. "
          "[default: convnet]")]
 TrustBackbone = Annotated[Optional[str], typer.Option(

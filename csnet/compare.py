@@ -293,7 +293,8 @@ def _flat(config: dict) -> dict[str, object]:
     flat = {"source": config.get("source")}
     for section in ("data", "model", "train"):
         for key, value in (config.get(section) or {}).items():
-            flat[f"{section}.{key}"] = value
+            if (section, key) != ("model", "target_stats"):  # worked out from the data, not a setting
+                flat[f"{section}.{key}"] = value
     return flat
 
 

@@ -98,7 +98,7 @@ class TrainConfig:
     deterministic: bool = False
     # Speed: bf16 autocast (CUDA), torch.compile. channels_last (NHWC) is on by default: oneDNN's
     # convolutions, batch norm and pooling are all faster in it on the CPU (the Fashion pair trained
-    # about 1.3x faster), and on CUDA it was level or slightly ahead (README, Speed).
+    # about 1.3x faster), and on CUDA it was level or slightly ahead (docs/speed.md).
     amp: bool = False
     channels_last: bool = True
     compile: bool = False

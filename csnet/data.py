@@ -6,8 +6,8 @@ the number of dimensions, one uint32 per dimension, then the raw data).
 Debian's ``dataset-fashion-mnist`` package puts them in
 /usr/share/datasets/fashion-mnist/; torchvision downloads the same files.
 
-Tasks follow the TensorFlow reproduction of cross-stitch networks described in
-CONTEXT.md: ``fine`` is the 10 original classes and ``coarse`` groups them into
+Tasks follow a public TensorFlow reproduction of cross-stitch networks:
+``fine`` is the 10 original classes and ``coarse`` groups them into
 shoes / for women / other.
 """
 

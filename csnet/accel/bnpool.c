@@ -1,5 +1,5 @@
 /* Batch norm -> 2x2 max-pool -> ReLU fused, for the convnet column's conv blocks
- * (csnet/models/columns.py (accelerated by csnet/accel), the Fashion-MNIST column of CONTEXT.md's experiment 1), on
+ * (csnet/models/columns.py (accelerated by csnet/accel), the Fashion-MNIST column of the TensorFlow reproduction of cross-stitch networks), on
  * channels-last float32 maps on the CPU. csnet/accel/build.py compiles and loads it.
  *
  * Why: after the matrix products, these three layers were the costliest part of a training

@@ -2,7 +2,7 @@
 
 - torchvision ResNets: the stem (conv1, bn1, relu, maxpool) is one stage that runs per
   column, then ``layer1``..``layer4`` (the units' default places, as in the PyTorch
-  notebook of CONTEXT.md); the head is the column's own avgpool -> flatten -> fc.
+  notebook that stitches resnet18s); the head is the column's own avgpool -> flatten -> fc.
 - torchvision VGGs: ``features`` cut after each max-pool (``pool1``..``pool5``); the head
   is avgpool -> flatten -> classifier.
 - torchvision FCN / DeepLabV3 segmentation models: the ResNet stages, then the classifier

@@ -1,6 +1,6 @@
 """Single-task columns cut into named stages, so cross-stitch units can go between them.
 
-``convnet`` is the Fashion-MNIST column of the TensorFlow reproduction in CONTEXT.md
+``convnet`` is the Fashion-MNIST column of a public TensorFlow reproduction of the paper
 (conv3x3 32 -> pool -> conv3x3 64 -> pool -> fc 1024 -> output, batch norm, dropout
 with keep probability 0.8, He init). ``mlp`` is the column of the two-domain
 notebook ([60, 20] hidden units, then the output layer). ``fcn`` is the convnet made

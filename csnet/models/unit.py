@@ -6,7 +6,7 @@ For target task i, source task j and channel c the paper's unit computes
 mixing weights (a unit that feeds the same mix to every task, or one that only
 reads the diagonal, is a known defect of public implementations).
 
-Variants found in public implementations (CONTEXT.md):
+Variants found in public implementations:
 - ``channel``: the paper's, one T x T matrix per channel, weights (T, T, C);
 - ``layer``: one T x T matrix for the whole layer, weights (T, T);
 - ``dense``: the Keras layer, one full (T*D, T*D) matrix over the concatenated
