@@ -63,6 +63,10 @@ LabelColumns = Annotated[Optional[str], typer.Option(
          "[default: the tasks].")]
 ImageSize = Annotated[Optional[int], typer.Option(
     min=1, max=65_535, help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
+Labels = Annotated[Optional[str], typer.Option(
+    help="For --dataset folder:PATH, the label table (image paths in it stay relative to PATH) [default: PATH/labels.csv].")]
+ImageColumn = Annotated[Optional[str], typer.Option(
+    help="For --dataset folder:PATH, the table's column naming the image files [default: image].")]
 TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table [default: a seeded fifth of PATH].")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded) [default: all].")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs [default: all].")]
@@ -168,7 +172,7 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
 
 
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,
-                 test_csv=None, label_columns=None, image_size=None) -> DataConfig:
+                 test_csv=None, label_columns=None, image_size=None, labels=None, image_column=None) -> DataConfig:
     counts = {}
     for item in starve or []:
         task, _, n = item.partition("=")
@@ -178,7 +182,7 @@ def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
                       test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv,
                       label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None,
-                      image_size=image_size)
+                      image_size=image_size, labels=labels, image_column=image_column)
 
 
 def _code(backbone: str | None, with_run: str | None = None) -> tuple[str, ...]:
@@ -272,6 +276,7 @@ def pretrain(
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
+    labels: Labels = None, image_column: ImageColumn = None,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
@@ -288,7 +293,7 @@ def pretrain(
 
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
-    spec = dataset_spec(dataset, kinds, image_size)
+    spec = dataset_spec(dataset, kinds, image_size, labels, image_column)
     if task is None:
         if len(spec.tasks) != 1:
             raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
@@ -300,7 +305,7 @@ def pretrain(
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
         task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                           label_columns, image_size),
+                           label_columns, image_size, labels, image_column),
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
@@ -348,6 +353,7 @@ def train(
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
+    labels: Labels = None, image_column: ImageColumn = None,
     backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None, subspaces: Subspaces = None,
     stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
@@ -390,10 +396,11 @@ def train(
         if dataset is None:
             before = stages.run_data_config(from_run)
             dataset, image_size = before.dataset, image_size if image_size is not None else before.image_size
+            labels, image_column = labels or before.labels, image_column or before.image_column
     else:
         dataset = dataset or _D.dataset
         task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})
-        spec = dataset_spec(dataset, kinds, image_size)
+        spec = dataset_spec(dataset, kinds, image_size, labels, image_column)
         task_list = task_list or list(spec.default_tasks)
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
@@ -407,7 +414,7 @@ def train(
                                   label_columns=label_columns, **model_opts)
     stages.train(
         _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                     label_columns, image_size), model_cfg,
+                     label_columns, image_size, labels, image_column), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
@@ -555,41 +562,49 @@ def _config_defaults(command, argv: list[str]) -> dict | None:
     return {sub: defaults}
 
 
-# config.json keys that are worked out, not chosen: never options
+# the model's config.json keys that are worked out from the data, not chosen: never options
 _DERIVED = {"num_classes", "kinds", "target_stats", "in_channels", "image_size", "in_features", "tasks"}
 
 
 def _run_options(config, sub: str, path: Path) -> dict:
-    """The options that repeat a run, read from its config.json: its data and training settings, and its
-    network's (its tasks with their kinds, backbone, units...) or, for a run that started --from another,
-    that source. What csnet worked out itself (class counts, input shape, target statistics) is left to
-    be worked out again; settings left at None are left out."""
+    """The options that repeat a run, read from its config.json: its data and training settings, its
+    --weights, and its network's (its tasks with their kinds, backbone, units...) or, for a run that
+    started --from another, that source. What csnet worked out itself (class counts, input shape, target
+    statistics) is left to be worked out again; settings left at None or at their defaults are left out
+    (a pretrain run records the units' defaults, which pretrain has no options for, and --subspaces is
+    refused without --arch sluice)."""
+    from csnet.models.network import ModelConfig
+
     if not isinstance(config, dict) or config.get("command") not in ("train", "pretrain"):
         raise UsageError(f"--config {path}: not the config.json of a train or pretrain run")
     if sub not in ("train", "pretrain"):
         raise UsageError(f"--config {path}: a run's config.json configures train or pretrain, not {sub}")
     sections = {k: config.get(k) if isinstance(config.get(k), dict) else {} for k in ("data", "model", "train")}
-    options = {k: v for k, v in {**sections["data"], **sections["train"]}.items() if v is not None}
+    options = {}
+    for section, cls in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig)):
+        if section == "model" and config.get("source"):
+            continue  # the network comes from the source run
+        usual = vars(defaults(cls))
+        options.update({k: v for k, v in sections[section].items() if v is not None and not (
+            section == "model" and k in _DERIVED) and not (k in usual and _same(v, usual[k]))})
     if isinstance(options.get("starve"), dict):
         options["starve"] = [f"{t}={n}" for t, n in options["starve"].items()]
+    weights = config.get("weights")
+    if isinstance(weights, dict) and isinstance(weights.get("path"), str):
+        options["weights"] = weights["path"]
     if config.get("source"):
         options["from"] = config["source"]
+        return options
+    model = sections["model"]
+    names, kinds = list(model.get("tasks") or []), list(model.get("kinds") or [])
+    tasks = [f"{t}:{k}" if k else t for t, k in zip(names, kinds + [""] * (len(names) - len(kinds)))]
+    if sub == "pretrain":
+        if len(tasks) != 1:
+            raise UsageError(f"--config {path}: a run of {len(tasks)} tasks is repeated by csnet train, not pretrain")
+        options["task"] = tasks[0]
+        options.pop("stitch", None)  # a column is trained without units
     else:
-        model = sections["model"]
-        options.update({k: v for k, v in model.items() if k not in _DERIVED and v is not None})
-        tasks = [f"{t}:{k}" if k else t for t, k in zip(model.get("tasks", []), model.get("kinds", []) or
-                                                         [""] * len(model.get("tasks", [])))]
-        options["task" if sub == "pretrain" else "tasks"] = tasks[0] if sub == "pretrain" and tasks else tasks
-        if sub == "pretrain":
-            options.pop("stitch", None)  # a column is trained without units
-    # Settings at their defaults are left to the defaults: a pretrain run records the units' settings, which
-    # pretrain has no options for, and --subspaces is refused without --arch sluice. Any other value of a
-    # setting this command has no option for is an error (the run cannot be repeated by this command).
-    from csnet.models.network import ModelConfig
-
-    usual = {**vars(defaults(DataConfig)), **vars(defaults(TrainConfig)), **vars(defaults(ModelConfig))}
-    for key in [k for k in options if k in usual and _same(options[k], usual[k])]:
-        del options[key]
+        options["tasks"] = tasks
     return options
 
 

@@ -76,7 +76,7 @@ def read_table(path: Path, what: str, text: tuple[str, ...], numbers: tuple[str,
 
 # What a run without a "tasks" section in config.json (an older csnet) trained: classification.
 CLASSIFICATION = {"kind": "classification", "primary": "accuracy", "metrics": {"accuracy": "higher"},
-                  "delta": ["accuracy"], "units": {"accuracy": "%"}}
+                  "delta": ["accuracy"]}
 # Units of runs whose tasks did not record them yet: the fractions of csnet's kinds.
 _FRACTIONS = {"accuracy", "macro_f1", "mean_ap", "miou", "pixel_accuracy", "delta1"}
 
@@ -92,9 +92,8 @@ def task_info(run: Path, tasks) -> dict[str, dict]:
             and isinstance(r.get("delta"), list) and all(v in ("higher", "lower") for v in r["metrics"].values())
         info[t] = dict(r if ok else CLASSIFICATION)
         units = info[t].get("units")
-        if not isinstance(units, dict):
-            units = {m: PERCENT for m in info[t]["metrics"] if m in _FRACTIONS}
-        info[t]["units"] = units
+        # runs that did not record units (an older csnet, a stitch run): csnet's kinds' fractions by name
+        info[t]["units"] = units if isinstance(units, dict) else dict.fromkeys(_FRACTIONS, PERCENT)
     return info
 
 
@@ -261,31 +260,38 @@ def check_kinds(entries: dict, labels: list[str]) -> None:
             seen.setdefault(task, (label, info))
 
 
+# Data sets whose test set is a fixed file: the split seed only picks a --test-size subset of it.
+_FIXED_TEST = ("fashion", "mnist", "mnist+fashion")
+
+
 def test_set(config: dict) -> dict[str, object]:
     """What a run was tested on, from its config.json: what must match for two runs' numbers to compare.
-    A csv: or folder: source is named by its files' SHA-256, not its path."""
+    A csv: or folder: source is named by its files' SHA-256, not its path. The split seed counts where it
+    picks test examples (a --test-size subset, the scenes, a table's or folder's seeded test fifth)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     stats_ = config.get("data_stats") if isinstance(config.get("data_stats"), dict) else {}
     files = stats_.get("files") if isinstance(stats_.get("files"), dict) else {}
     dataset = str(data.get("dataset", "?"))
+    seeded = not ((dataset in _FIXED_TEST and data.get("test_size") is None) or data.get("test_csv"))
     return {"data set": dataset.split(":", 1)[0] if ":" in dataset else dataset,
-            "test examples": stats_.get("test"),
-            "split seed": data.get("split_seed"),
+            "test examples": stats_.get("test", data.get("test_size")),
+            "split seed": data.get("split_seed") if seeded else None,
             "data files (SHA-256)": {k: v.get("sha256") for k, v in sorted(files.items()) if isinstance(v, dict)}}
 
 
 def mismatches(configs: dict[str, dict]) -> list[str]:
-    """How each run's test set differs from the first's (``configs``: label -> config.json); unknown fields
-    (runs of an older csnet) are not held against it."""
-    (first, want), found = next(iter(configs.items())), []
-    ident = test_set(want)
-    for label, config in list(configs.items())[1:]:
-        other = test_set(config)
-        for what, value in other.items():
-            if value in (None, {}) or ident[what] in (None, {}) or value == ident[what]:
-                continue
-            shown_ = "other files" if isinstance(value, dict) else f"{ident[what]} vs {value}"
-            found.append(f"{first} and {label} differ in {what} ({shown_})")
+    """Every way in which the runs' test sets differ (``configs``: label -> config.json), each naming two
+    runs that differ; what a run did not record (an older csnet) is not held against it."""
+    idents = {label: test_set(c) for label, c in configs.items()}
+    found = []
+    for what in next(iter(idents.values())):
+        known = {label: i[what] for label, i in idents.items() if i[what] not in (None, {})}
+        first = next(iter(known), None)
+        for label, value in known.items():
+            if value != known[first]:
+                shown_ = "other files" if isinstance(value, dict) else f"{known[first]} vs {value}"
+                found.append(f"{first} and {label} differ in {what} ({shown_})")
+                break
     return found
 
 
@@ -302,8 +308,9 @@ def differing_settings(configs: dict[str, dict]) -> dict[str, dict[str, object]]
     """setting -> {label: value} for the settings in which the runs differ (from their config.json)."""
     flats = {label: _flat(c) for label, c in configs.items()}
     keys = list(dict.fromkeys(k for f in flats.values() for k in f))
+    # a setting one run did not record (an older csnet) differs only where the runs that have it differ
     return {k: {label: f.get(k) for label, f in flats.items()} for k in keys
-            if len({repr(f.get(k)) for f in flats.values()}) > 1}
+            if len({repr(f[k]) for f in flats.values() if k in f}) > 1}
 
 
 def command_line(config: dict) -> str:
@@ -364,8 +371,9 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None,
     shared = [t for t in tasks if all(t in e[0].columns for e in entries.values())]
     if shared != tasks:
         notes.append(f"not every run has the task(s) {', '.join(t for t in tasks if t not in shared)}: shown, but "
-                     "left out of the score, the differences and Δm" + (
-                         "" if shared else "; the runs share no task, so there is no score to compare"))
+                     "left out of the score, the differences and Δm" if shared else
+                     "the runs share no task: there is no score or difference to compare, and each run's Δm "
+                     "is over its own tasks against the references")
     kinds = {t: info["tasks"][t] for _, _, info in reversed(list(entries.values())) for t in info["tasks"]}
     primary = {t: kinds[t]["primary"] for t in tasks}
     unit = {t: kinds[t]["units"].get(primary[t], "") for t in tasks}
@@ -401,8 +409,9 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None,
     table.attrs.update(tasks=tasks, shared=shared, primary=primary, units=unit, notes=notes)
     runio.new_folder(out)
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
-    series = {label: curve_series(entries[label][1]) for label in labels}
-    panels = [(t, primary[t], unit[t]) for t in tasks] + [("mean", "score", PERCENT)]
+    series = {label: curve_series({s: _rescored(df, shared, primary) for s, df in entries[label][1].items()})
+              for label in labels}
+    panels = [(t, primary[t], unit[t]) for t in tasks] + ([("mean", "score", PERCENT)] if shared else [])
     figures = plots.curves(series, out, panels, weights=any(
         ((df.metric == "loss_weight") & (df.value != 1)).any() for e in entries.values() for df in e[1].values()))
     finals = {}
@@ -417,6 +426,21 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None,
     first = {label: next(iter(e[2]["configs"].values())) for label, e in entries.items()}
     write_report(table, figures, out, [str(r) for r in ref_paths], notes, first)
     return table, figures
+
+
+def _rescored(df: pd.DataFrame, shared: list[str], primary: dict[str, str]) -> pd.DataFrame:
+    """A run's metrics with its score rows over the shared tasks only, as the table's score: where the run
+    has exactly those tasks its own score is that already; with none shared, no score rows."""
+    own = [t for t in dict.fromkeys(df.task) if t not in ("mean", "total", "all")]
+    if set(own) == set(shared):
+        return df
+    score = (df.task == "mean") & (df.metric.isin(["score", "accuracy"]))
+    rest = df[~score]
+    if not shared:
+        return rest
+    picked = pd.concat([df[(df.task == t) & (df.metric == primary[t])] for t in shared])
+    mean = picked.groupby(["epoch", "split"], as_index=False).value.mean()
+    return pd.concat([rest, mean.assign(task="mean", metric="score")], ignore_index=True)
 
 
 def _scores_over(scores: pd.DataFrame, shared: list[str], tasks: list[str]) -> pd.DataFrame:

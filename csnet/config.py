@@ -49,6 +49,8 @@ class DataConfig:
     test_csv: str | None = None
     label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
     image_size: int | None = None  # folder: images resized to S x S (default: their own side, if all share it)
+    labels: str | None = None  # folder: the label table (default: PATH/labels.csv)
+    image_column: str | None = None  # folder: the table's column naming the images (default: image)
 
     def __post_init__(self):
         if not 0 <= self.split_seed <= MAX_SEED:
@@ -65,8 +67,10 @@ class DataConfig:
             raise UsageError("--dataset is empty")
         if self.image_size is not None and not 1 <= self.image_size <= 65_535:
             raise UsageError(f"--image-size must be from 1 to 65535 pixels, got {self.image_size}")
-        if self.image_size is not None and not self.dataset.startswith("folder:"):
-            raise UsageError("--image-size applies to --dataset folder:PATH")
+        for option, value in (("--image-size", self.image_size), ("--labels", self.labels),
+                              ("--image-column", self.image_column)):
+            if value is not None and not self.dataset.startswith("folder:"):
+                raise UsageError(f"{option} applies to --dataset folder:PATH")
 
 
 

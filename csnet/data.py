@@ -114,7 +114,8 @@ def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     return {"in_channels": channels, "image_size": size}
 
 
-def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int | None = None) -> DatasetSpec:
+def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int | None = None,
+                 labels: str | None = None, image_column: str | None = None) -> DatasetSpec:
     """The data set called ``name``; ``kinds`` (task -> kind) are the kinds the user asked for, which a
     table's columns take and a built-in set's tasks must agree with."""
     if name.startswith("csv:"):
@@ -124,7 +125,7 @@ def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int
     if name.startswith("folder:"):
         from csnet.folder import folder_spec
 
-        return folder_spec(name, kinds or {}, image_size)
+        return folder_spec(name, kinds or {}, image_size, labels, image_column)
     if name in EXTRA:
         import importlib
 
@@ -264,10 +265,11 @@ class Data:
         return {name: task.statistics(self.train.labels[name]) for name, task in tasks.items() if task.standardized}
 
 
-def check_tasks(dataset: str, tasks, image_size: int | None = None) -> tuple[DatasetSpec, dict[str, Task]]:
+def check_tasks(dataset: str, tasks, image_size: int | None = None, labels: str | None = None,
+                image_column: str | None = None) -> tuple[DatasetSpec, dict[str, Task]]:
     """The data set and its tasks as Task objects (``tasks`` may be names: the data set's own kinds)."""
     given = {name: task.spec for name, task in tasks.items()} if isinstance(tasks, dict) else {}
-    spec = dataset_spec(dataset, given, image_size)
+    spec = dataset_spec(dataset, given, image_size, labels, image_column)
     for name in tasks:
         if name not in spec.tasks:
             raise UsageError(f"unknown task {name!r} for {dataset}; valid: {', '.join(spec.tasks)}")
@@ -360,7 +362,7 @@ def load(cfg: DataConfig, tasks: dict[str, Task] | list[str]) -> Data:
     The validation hold-out depends only on ``split_seed``, so runs with different
     training seeds are compared on the same images.
     """
-    spec, tasks = check_tasks(cfg.dataset, tasks, cfg.image_size)
+    spec, tasks = check_tasks(cfg.dataset, tasks, cfg.image_size, cfg.labels, cfg.image_column)
     if spec.loader is not None:
         return spec.loader(cfg, spec, tasks)
     if cfg.test_csv or cfg.label_columns:

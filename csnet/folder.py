@@ -1,8 +1,8 @@
 """Your own images: ``--dataset folder:PATH``.
 
-PATH holds the images (PNG or JPEG, gray or RGB, any size) and a table ``labels.csv`` with one
-row per image: the column ``image`` names the image file (a path relative to PATH), every other
-column is a task. A task column holds class labels, 0/1 values, numbers, or paths to per-pixel
+PATH holds the images (PNG or JPEG, gray or RGB, any size) and a table ``labels.csv`` (or the
+table ``--labels FILE`` names) with one row per image: the column ``image`` (or ``--image-column``)
+names the image file (a path relative to PATH), every other column is a task. A task column holds class labels, 0/1 values, numbers, or paths to per-pixel
 targets: a PNG of class indices (segmentation) or a 16-bit PNG or ``.npy`` array (depth, given as
 ``TASK:depth``). Kinds are inferred as for tables (``csnet.cells``); a column of target files is
 ``segmentation`` unless named ``:depth``. An optional column ``split`` (train / val / test) fixes
@@ -18,6 +18,7 @@ channel with the training split's statistics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,30 +35,44 @@ SPLIT_COLUMN = "split"
 TARGET_SUFFIXES = (".png", ".npy")
 
 
-def _root(name: str) -> Path:
+@dataclass(frozen=True)
+class Layout:
+    """Where a folder's parts are: its root (image paths are relative to it), its label table (ROOT/labels.csv
+    or --labels FILE) and the table's column naming the images (``image`` or --image-column)."""
+
+    root: Path
+    table: Path
+    image: str
+
+
+def layout(name: str, labels: str | None = None, image_column: str | None = None) -> Layout:
     root = Path(name[len("folder:"):])
+    image = image_column or IMAGE_COLUMN
     if not root.is_dir():
         raise CsnetError(f"--dataset {name}: {root} is not a folder")
-    if not (root / TABLE).is_file():
-        raise CsnetError(f"--dataset {name}: no {TABLE} in {root} (one row per image: an '{IMAGE_COLUMN}' column "
-                         "naming the file, one column per task)")
-    return root
+    table = Path(labels) if labels else root / TABLE
+    if labels and not table.is_file():
+        raise CsnetError(f"--labels {labels}: no such file")
+    if not table.is_file():
+        raise CsnetError(f"--dataset {name}: no {TABLE} in {root} (one row per image: an '{image}' column "
+                         "naming the file, one column per task; or name another table with --labels FILE)")
+    return Layout(root, table, image)
 
 
-def _table(root: Path) -> pd.DataFrame:
+def _table(lay: Layout) -> pd.DataFrame:
     from csnet.cells import read_table
 
-    path = root / TABLE
+    path, image = lay.table, lay.image
     df = read_table(str(path))
-    if IMAGE_COLUMN not in df.columns:
-        raise CsnetError(f"{path}: no '{IMAGE_COLUMN}' column naming the image files (columns: "
-                         f"{', '.join(map(str, df.columns))})")
+    if image not in df.columns:
+        raise CsnetError(f"{path}: no '{image}' column naming the image files (columns: "
+                         f"{', '.join(map(str, df.columns))}; --image-column names another)")
     if df.empty:
         raise CsnetError(f"{path}: no rows")
-    names = df[IMAGE_COLUMN]
+    names = df[image]
     if names.isna().any():
         raise CsnetError(f"{path}: row {int(names.isna().to_numpy().nonzero()[0][0]) + 1} names no image (its "
-                         f"'{IMAGE_COLUMN}' cell is empty)")
+                         f"'{image}' cell is empty)")
     twice = names[names.duplicated()]
     if len(twice):
         raise CsnetError(f"{path}: {twice.iloc[0]!r} is named by more than one row; each image once")
@@ -75,11 +90,11 @@ def _is_target_file(column: pd.Series) -> bool:
     return len(values) > 0 and values.map(lambda v: isinstance(v, str) and v.lower().endswith(TARGET_SUFFIXES)).all()
 
 
-def _inside(root: Path, name: str, row: int, column: str) -> Path:
-    """ROOT/name, for a name that stays inside ROOT (the table's paths are relative to its folder)."""
-    path = root / name
-    if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
-        raise CsnetError(f"{root / TABLE}: row {row + 1}, column {column}: {name!r} is not a path inside {root}")
+def _inside(lay: Layout, name: str, row: int, column: str) -> Path:
+    """ROOT/name, for a name that stays inside ROOT (the table's paths are relative to the data set's folder)."""
+    path = lay.root / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(lay.root.resolve()):
+        raise CsnetError(f"{lay.table}: row {row + 1}, column {column}: {name!r} is not a path inside {lay.root}")
     return path
 
 
@@ -136,14 +151,14 @@ def _read_target(path: Path) -> torch.Tensor:
 
 
 @lru_cache(maxsize=2)
-def _decoded(root_text: str, table_version: tuple, size: int | None):
+def _decoded(lay: Layout, table_version: tuple, size: int | None):
     """(images uint8 (N, C, S, S), {column: targets (N, S, S) float32, or the problem reading them}, side):
     the folder read once, each image resized as soon as it is decoded."""
     from torchvision.transforms.v2 import functional as TF
 
-    root = Path(root_text)
-    df = _table(root)
-    paths = [_inside(root, str(p), i, IMAGE_COLUMN) for i, p in enumerate(df[IMAGE_COLUMN])]
+    root = lay.root
+    df = _table(lay)
+    paths = [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])]
     shapes, kept = [], []
     for path in paths:
         r = _read_image(path)
@@ -161,25 +176,25 @@ def _decoded(root_text: str, table_version: tuple, size: int | None):
     del kept
     targets = {}
     for column in df.columns:
-        if column in (IMAGE_COLUMN, SPLIT_COLUMN) or not _is_target_file(df[column]):
+        if column in (lay.image, SPLIT_COLUMN) or not _is_target_file(df[column]):
             continue
         try:
-            targets[column] = _targets_of(root, df, column, paths, shapes, size)
+            targets[column] = _targets_of(lay, df, column, paths, shapes, size)
         except CsnetError as e:  # an error only once a run chooses this column as a task
             targets[column] = str(e)
     return images, targets, size
 
 
-def _targets_of(root: Path, df: pd.DataFrame, column: str, paths, shapes, size: int) -> torch.Tensor:
+def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 
     out = torch.full((len(df), size, size), float("nan"))
     for i, name in enumerate(df[column]):
         if not isinstance(name, str):
             continue
-        t = _read_target(_inside(root, name, i, column))
+        t = _read_target(_inside(lay, name, i, column))
         if tuple(t.shape) != shapes[i]:
-            raise CsnetError(f"{root / name}: {tuple(t.shape)} pixels, but its image {paths[i].name} has "
+            raise CsnetError(f"{lay.root / name}: {tuple(t.shape)} pixels, but its image {paths[i].name} has "
                              f"{shapes[i]}; a per-pixel target must match its image")
         out[i] = TF.resize(t[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
             if tuple(t.shape) != (size, size) else t
@@ -206,21 +221,23 @@ def _classes_of(column: str, y: torch.Tensor) -> tuple[int, str | None]:
     return n, None
 
 
-def _load(name: str, size: int | None):
-    root = _root(name)
-    stat = (root / TABLE).stat()
-    return _table(root), *_decoded(str(root.resolve()), (stat.st_mtime_ns, stat.st_size), size)
+def _load(lay: Layout, size: int | None):
+    stat = lay.table.stat()
+    lay = Layout(lay.root.resolve(), lay.table.resolve(), lay.image)
+    return _table(lay), *_decoded(lay, (stat.st_mtime_ns, stat.st_size), size)
 
 
-def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None):
+def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None, labels: str | None = None,
+                image_column: str | None = None):
     """Every column but the image (and split) column is a possible task; target-file columns are per-pixel."""
     from csnet.data import DatasetSpec
     from csnet.cells import infer_kind
 
-    df, images, targets, size = _load(name, image_size)
+    lay = layout(name, labels, image_column)
+    df, images, targets, size = _load(lay, image_size)
     tasks = {}
     for column in df.columns:
-        if column in (IMAGE_COLUMN, SPLIT_COLUMN):
+        if column in (lay.image, SPLIT_COLUMN):
             continue
         given = kinds.get(column)
         if column in targets:
@@ -237,7 +254,7 @@ def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None)
             else:
                 tasks[column] = TaskSpec(kind, 1)
         else:
-            tasks[column] = infer_kind(df[column], given, str(Path(name[len("folder:"):]) / TABLE))
+            tasks[column] = infer_kind(df[column], given, str(lay.table))
     return DatasetSpec(name, (), tasks, (), tuple(images.shape[1:]), loader=load_folder, backbone="fcn"
                        if any(split_kind(t.kind)[0].dense for t in tasks.values()) else "convnet")
 
@@ -248,8 +265,9 @@ def load_folder(cfg, spec, tasks):
 
     if cfg.test_csv or cfg.label_columns:
         raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
-    df, images, targets, _ = _load(cfg.dataset, cfg.image_size)
-    table = str(Path(cfg.dataset[len("folder:"):]) / TABLE)
+    lay = layout(cfg.dataset, cfg.labels, cfg.image_column)
+    df, images, targets, _ = _load(lay, cfg.image_size)
+    table = str(lay.table)
     classes = class_values(df, tasks)
     labels = {}
     for t, task in tasks.items():

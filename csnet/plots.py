@@ -31,10 +31,17 @@ def colours(labels) -> dict[str, str]:
     return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
 
 
-def _save(fig, path: Path, legend: bool = True) -> Path:
-    """PNG for reading, PDF for papers. The legend sits outside the axes, below them."""
+def _save(fig, path: Path, legend: bool = True, order=()) -> Path:
+    """PNG for reading, PDF for papers. The legend sits outside the axes, below them: every line once, from
+    whichever panel has it (a run may lack a task), in ``order`` (the runs' order) where given."""
     if legend:
-        handles, labels = fig.axes[0].get_legend_handles_labels()
+        found = {}
+        for ax in fig.axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                found.setdefault(label, handle)
+        rank = {label: i for i, label in enumerate(order)}
+        labels = sorted(found, key=lambda label: rank.get(label, len(rank)))
+        handles = [found[label] for label in labels]
         if handles:
             fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
                        fontsize=8, frameon=False)
@@ -87,7 +94,10 @@ def test_metrics(series: dict[str, pd.DataFrame], path: Path, panels: list[tuple
         ax.set_title("score (mean of the tasks)" if task == "mean" else task, fontsize=9)
         ax.set_ylabel(_axis_label(f"test {metric}", unit))
         _epochs(ax)
-    return _save(fig, path)
+        if unit == "%":  # matplotlib's margins would show ticks past 100%
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(low, 0.0), min(high, 100.5))
+    return _save(fig, path, order=list(series))
 
 
 def train_loss(series: dict[str, pd.DataFrame], path: Path) -> Path:

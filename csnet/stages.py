@@ -172,7 +172,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
                        "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
         config = _config(
             command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
-            source=str(source) if source else None, data_stats=_data_stats(data),
+            source=str(Path(source).resolve()) if source else None, data_stats=_data_stats(data),
             weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
             model_stats=model_stats, processes=distributed.world().size, accel=net.accel,
             tasks={name: task.describe() for name, task in model_cfg.task_list().items()},
@@ -370,7 +370,7 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
         if data_cfg.dataset.startswith("folder:") and data_cfg.image_size is None:
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)  # the size the network was built for
         spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)),
-                                     data_cfg.image_size)
+                                     data_cfg.image_size, data_cfg.labels, data_cfg.image_column)
         missing = [t for t in model_cfg.tasks if t not in spec.tasks]
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
@@ -457,6 +457,12 @@ def _has_results(run: Path) -> bool:
     return (run / runio.MODEL).exists() or runio.has_rows(run / runio.METRICS)
 
 
+def _no_last(run: Path, train_cfg: TrainConfig) -> UsageError:
+    return UsageError(f"{run} has finished its {train_cfg.epochs} epoch(s) and, as every run that ends normally, "
+                      f"removed its {runio.LAST}: to train further, start a new run with --from {run} (or train "
+                      "with --keep-last to extend a run later with --resume --epochs N)")
+
+
 def status(run: Path, epochs: int | None = None) -> str:
     """``finished``, ``interrupted`` (last.pt to continue from), ``unstarted`` (no checkpoint and no
     results yet: stopped before its first epoch ended, or never begun), or ``kept`` (results but no
@@ -465,7 +471,11 @@ def status(run: Path, epochs: int | None = None) -> str:
         if not ((run / runio.CONFIG).is_file() and _has_results(run)):
             return "unstarted"
         train_cfg = _train_config(runio.read_config(run), run)
-        return "finished" if _finished(run, train_cfg) and not train_cfg.keep_last else "kept"
+        if not _finished(run, train_cfg) or train_cfg.keep_last:
+            return "kept"
+        if epochs is not None and epochs > train_cfg.epochs:
+            raise _no_last(run, train_cfg)
+        return "finished"
     if not (run / runio.CONFIG).is_file():
         return "unstarted"
     train_cfg = _train_config(runio.read_config(run), run)
@@ -497,9 +507,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
         runio.remove_stale_temporaries(run)  # half-written files of the write a kill interrupted
     if not (run / runio.LAST).is_file():
         if _finished(run, train_cfg) and not train_cfg.keep_last:
-            raise UsageError(f"{run} has finished its {train_cfg.epochs} epoch(s) and, as every run that ends "
-                             f"normally, removed its {runio.LAST}: to train further, start a new run with --from "
-                             f"{run} (or train with --keep-last to extend a run later with --resume --epochs N)")
+            raise _no_last(run, train_cfg)
         if _has_results(run):
             raise UsageError(f"{run} has results but no {runio.LAST} to continue from; it is left as it is "
                              "(train a new run, or replace this one with --force)")
@@ -511,6 +519,8 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
 
     def setup():
         nonlocal train_cfg
+        if train_cfg.tensorboard and (problem := runio.tensorboard_problem()):
+            raise UsageError(problem)  # before config.json records a resume that cannot start
         last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
         if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
             raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its --epochs {train_cfg.epochs}; "
@@ -557,6 +567,9 @@ def _resume_group(group: Path, console: Console, *, epochs: int | None, device: 
     """Finish every seed of a --seeds folder, then write its summary.csv."""
     info = runio.read_group(group)
     plan = info.get("plan")
+    for folder in runio.group_members(group).values():  # a seed that cannot go on stops all, before any trains
+        if folder.is_dir() and not folder.is_symlink():
+            status(folder, epochs)
 
     def one(seed: int, folder: Path) -> None:
         if folder.is_symlink():
@@ -664,7 +677,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
         if not base and isinstance(sources, list) and sources and isinstance(sources[0], str):
             base = runio.section(runio.read_config(Path(sources[0])), "data", Path(sources[0]), optional=True)
         data_cfg = replace(from_dict(DataConfig, base, "data", str(run / runio.CONFIG)) if base else DataConfig(),
-                           dataset=dataset, starve=None, image_size=None)
+                           dataset=dataset, starve=None, image_size=None, labels=None, image_column=None)
         if dataset.startswith("folder:"):  # the network takes images of the size it was built for
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)
         norm = None

@@ -322,5 +322,7 @@ def test_weights_for_a_torchvision_backbone(cli, data_root, tmp_path):
     assert torch.equal(state["columns.fine.stages.layer2.0.conv1.weight"], source.layer2[0].conv1.weight)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["weights"]["path"] == str(tmp_path / "r18.pt") and len(config["weights"]["sha256"]) == 64
+    assert cli("train", "--config", tmp_path / "r" / "config.json", "--epochs", "1", "--out", tmp_path / "again")[0] == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["weights"] == config["weights"]
     code, _, err = cli("train", "--data-root", data_root, "--weights", tmp_path / "r18.pt")
     assert code == 2 and "--weights applies to torchvision backbones" in err

@@ -178,6 +178,19 @@ def test_compare_imports_no_torch(pipeline, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_figures_score_only_the_shared_tasks_as_the_table_does():
+    from csnet.compare import _rescored
+
+    rows = [(e, sp, t, m, v) for e in (1, 2) for sp in ("val", "test")
+            for t, m, v in (("fine", "accuracy", 0.5 + e / 10), ("coarse", "accuracy", 0.9), ("mean", "score", 0.0))]
+    df = pd.DataFrame(rows, columns=["epoch", "split", "task", "metric", "value"])
+    got = _rescored(df, ["fine"], {"fine": "accuracy", "coarse": "accuracy"})
+    score = got[(got.task == "mean") & (got.metric == "score") & (got.split == "test")].set_index("epoch").value
+    assert score.to_dict() == pytest.approx({1: 0.6, 2: 0.7})  # fine's alone, not the run's own score
+    assert _rescored(df, ["fine", "coarse"], {}) is df  # the run's own tasks: its own score
+    assert "score" not in set(_rescored(df, [], {}).metric)
+
+
 def test_curve_bands_are_the_tables_interval():
     from csnet.compare import curve_series, interval
 
@@ -282,6 +295,31 @@ def test_a_runs_config_json_repeats_it(cli, pipeline, tmp_path):
             assert again[section] == before[section], section
     code, _, err = cli("eval", "--config", pipeline / "base" / "config.json", pipeline / "base")
     assert code == 2 and "configures train or pretrain, not eval" in err
+    code, _, err = cli("pretrain", "--config", pipeline / "base" / "config.json")
+    assert code == 2 and "a run of 2 tasks is repeated by csnet train, not pretrain" in err
+
+
+def test_which_runs_compare(tmp_path):
+    """The test-set check holds every pair, ignores what a run did not record, and counts the split seed only
+    where it picks test examples."""
+    from csnet.compare import mismatches, task_info, test_set
+
+    def config(test=None, seed=0, test_size=None, dataset="fashion", files="a"):
+        c = {"data": {"dataset": dataset, "split_seed": seed, "test_size": test_size}}
+        if test is not None:
+            c["data_stats"] = {"test": test, "files": {"test_images": {"sha256": files}}}
+        return c
+
+    assert mismatches({"old": config(), "a": config(200), "b": config(300)}) == \
+        ["a and b differ in test examples (200 vs 300)"]
+    assert mismatches({"a": config(200, seed=0), "b": config(200, seed=1)}) == []  # the whole fixed test set
+    assert mismatches({"a": config(200, 0, 200), "b": config(200, 1, 200)}) == \
+        ["a and b differ in split seed (0 vs 1)"]  # a seeded --test-size subset
+    assert test_set(config(500, 3, dataset="fashion-scenes"))["split seed"] == 3  # the seed makes the scenes
+    assert mismatches({"a": config(200), "b": config(200, files="b")}) == \
+        ["a and b differ in data files (SHA-256) (other files)"]
+    (tmp_path / "config.json").write_text(json.dumps({"command": "stitch"}))  # a stitch run records no tasks
+    assert task_info(tmp_path, ["fine"])["fine"]["units"]["macro_f1"] == "%"
 
 
 # ---------------------------------------------------------------- bad input

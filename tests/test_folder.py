@@ -66,6 +66,10 @@ def test_a_folder_of_images_trains_with_classification_regression_and_segmentati
     code, out, err = cli("eval", tmp_path / "r")  # per-channel statistics and sizes from the run alone
     assert code == 0, err
     assert "miou" in out
+    code, _, err = cli("train", "--config", tmp_path / "r" / "config.json", "--epochs", "1", "--out", tmp_path / "again")
+    assert code == 0, err  # the same folder, tasks and --image-size
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["data"] == config["data"] and again["model"] == config["model"]
 
 
 def test_pretrain_stitch_from_compare_and_resume_on_a_folder(cli, folder, tmp_path, monkeypatch):
@@ -103,6 +107,33 @@ def test_bad_folders_are_one_line_and_write_nothing(cli, tmp_path, damage, messa
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_label_table_elsewhere_and_another_image_column(cli, folder, tmp_path):
+    """--labels FILE and --image-column NAME: the paths in the table stay relative to the data set's folder."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    pd.read_csv(folder / "labels.csv").rename(columns={"image": "file"}).iloc[:60].to_csv(tables / "first.csv",
+                                                                                          index=False)
+    data = ["--dataset", f"folder:{folder}", "--labels", tables / "first.csv", "--image-column", "file"]
+    code, out, err = cli("train", *data, "--tasks", "colour,item", *COMMON, "--epochs", "1", "--out", tmp_path / "r")
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data"]["labels"] == str(tables / "first.csv") and config["data"]["image_column"] == "file"
+    assert config["data_stats"]["files"]["labels"]["path"] == str(tables / "first.csv")
+    assert config["data_stats"]["train"] + config["data_stats"]["val"] + config["data_stats"]["test"] == 60
+    code, out, err = cli("eval", tmp_path / "r")  # the table and column come from the run
+    assert code == 0, err
+    for args, message in (
+            (["--labels", tmp_path / "none.csv"], f"--labels {tmp_path / 'none.csv'}: no such file"),
+            (["--labels", tables / "first.csv"], "no 'image' column naming the image files"),
+            (["--image-column", "picture"], "no 'picture' column naming the image files"),
+    ):
+        code, _, err = cli("train", "--dataset", f"folder:{folder}", *args, *COMMON, "--out", tmp_path / "x")
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("train", "--labels", tables / "first.csv", "--out", tmp_path / "x")
+    assert code == 2 and "--labels applies to --dataset folder:PATH" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_images_of_two_sizes_need_an_image_size(cli, folder, tmp_path):

@@ -171,6 +171,16 @@ def test_a_finished_run_drops_last_pt_unless_kept(cli, reference, tmp_path):
     assert "--keep-last" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_seeds_folder_that_cannot_go_on_stops_before_any_seed_trains(cli, reference, tmp_path):
+    root, _ = reference
+    group = tmp_path / "g"
+    assert cli("train", "--data-root", root, *SMALL, "--epochs", "1", "--seeds", "0,1", "--out", group)[0] == 0
+    before = {p: p.read_bytes() for p in group.rglob("*") if p.is_file()}
+    code, _, err = cli("train", "--resume", group, "--epochs", "2")
+    assert code == 2 and "removed its last.pt" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in group.rglob("*") if p.is_file()} == before
+
+
 def test_resume_refuses_changed_settings_and_finished_runs(cli, reference):
     _, ref = reference
     code, _, err = cli("train", "--resume", ref, "--lr", "0.1")
