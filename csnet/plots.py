@@ -81,6 +81,10 @@ def _epochs(ax) -> None:
 def test_metrics(series: dict[str, pd.DataFrame], path: Path, panels: list[tuple[str, str, str]]) -> Path:
     """One panel per (task, metric, unit) of ``panels`` (each task's primary metric, then the score), one line
     per run. ``series``: run -> curve_series table (split, task, metric, epoch, mean, low, high)."""
+    return _save(test_metrics_figure(series, panels), path, order=list(series))
+
+
+def test_metrics_figure(series: dict[str, pd.DataFrame], panels: list[tuple[str, str, str]]):
     colour = colours(series)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for ax, (task, metric, unit) in zip(axes[0], panels):
@@ -97,7 +101,7 @@ def test_metrics(series: dict[str, pd.DataFrame], path: Path, panels: list[tuple
         if unit == "%":  # matplotlib's margins would show ticks past 100%
             low, high = ax.get_ylim()
             ax.set_ylim(max(low, 0.0), min(high, 100.5))
-    return _save(fig, path, order=list(series))
+    return fig
 
 
 def train_loss(series: dict[str, pd.DataFrame], path: Path) -> Path:

@@ -368,18 +368,24 @@ class CsvAppender:
 
 class MetricsWriter(CsvAppender):
     """metrics.csv: epoch, split, task, metric, value; with ``tensorboard`` (a folder) the same values as
-    TensorBoard scalars, tagged TASK/METRIC/SPLIT so a metric's splits share a chart."""
+    TensorBoard scalars by epoch, tagged TASK/METRIC/SPLIT so a metric's splits share a chart, the units'
+    weights as histograms by epoch, and every step's training loss in TENSORBOARD/steps (by step: a
+    second log, so that a resume can drop each log's own later points)."""
 
-    def __init__(self, path: Path, keep_before_epoch: int | None = None, tensorboard: Path | None = None):
+    def __init__(self, path: Path, keep_before_epoch: int | None = None, tensorboard: Path | None = None,
+                 first_step: int | None = None):
         super().__init__(path, METRIC_FIELDS, keep_before_epoch)
-        self._board = None
+        self._board = self._steps = None
         if tensorboard is not None:
             if problem := tensorboard_problem():  # e.g. a --resume where the package has gone since
                 raise UsageError(problem)
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: a resumed run's later epochs are written again, as in metrics.csv
+            # purge_step: a resumed run's later epochs (steps) are written again, as in metrics.csv
             self._board = SummaryWriter(str(tensorboard), purge_step=keep_before_epoch)
+            self._steps = SummaryWriter(str(tensorboard / "steps"),
+                                        purge_step=first_step + 1 if keep_before_epoch is not None and first_step
+                                        is not None else None)
 
     def write(self, epoch: int, split: str, values: dict[str, dict[str, float]]) -> None:
         """``values`` is {task: {metric: value}}."""
@@ -391,10 +397,19 @@ class MetricsWriter(CsvAppender):
                     self._board.add_scalar(f"{task}/{metric}/{split}", value, epoch)
             self._board.flush()
 
+    def step_loss(self, step: int, value: float) -> None:
+        self._steps.add_scalar("train/loss", value, step)
+
+    def histograms(self, epoch: int, values: dict) -> None:
+        for tag, tensor in values.items():
+            self._board.add_histogram(tag, tensor, epoch)
+        self._board.flush()
+
     def close(self) -> None:
         super().close()
-        if self._board is not None:
-            self._board.close()
+        for board in (self._board, self._steps):
+            if board is not None:
+                board.close()
 
 
 def tensorboard_problem() -> str | None:

@@ -238,8 +238,9 @@ def evaluate(net: CrossStitchNet, split: Split, tasks: dict[str, Task], *, mean:
 
 def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, gen: torch.Generator, epoch: int,
                 reporter: Reporter, stop: StopRequest, start_step: int = 0, tally: _Tally | None = None,
-                forward=None, weighting: weightings.Weighting | None = None):
+                forward=None, weighting: weightings.Weighting | None = None, on_step=None):
     """One pass over the training set, from batch ``start_step`` on (a resumed epoch skips the batches done).
+    ``on_step(step, loss)``, where given, sees every step's summed loss (reading it waits for the device).
 
     Returns (metrics, steps done, tally); metrics is None when a stop was requested before the end.
     """
@@ -275,6 +276,8 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
         opt.step()
         weighting.after_step()
         reporter.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
         if distributed.any_(stop.requested is not None, device):
             return None, step, tally.reduce()
     metrics = tally.reduce().result()
@@ -328,6 +331,17 @@ def alpha_rows(net: CrossStitchNet, epoch: int) -> list[tuple]:
                 rows.append((epoch, point, target, source, f"{v.mean().item():.6g}",
                              f"{v.std(unbiased=False).item():.6g}"))
     return rows
+
+
+def alpha_tensors(net: CrossStitchNet) -> dict[str, torch.Tensor]:
+    """Per stitch point and (source, target) pair, the weights over channels: TensorBoard's α histograms."""
+    out = {}
+    for point, unit in net.units.items():
+        w = unit.mixing_weights().detach().float().cpu()
+        for i, target in enumerate(net.tasks):
+            for j, source in enumerate(net.tasks):
+                out[f"alpha/{point}/{source}->{target}"] = w[i, j].reshape(-1)
+    return out
 
 
 def write_final_alpha(net: CrossStitchNet, path: Path) -> None:
@@ -441,13 +455,18 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
         })
 
     keep = epoch if resume is not None else None
+    per_rank = shard_size(len(data.train), w.size)
+    per_epoch = math.ceil(per_rank / cfg.batch_size)
     writer = runio.MetricsWriter(run / runio.METRICS, keep_before_epoch=keep,
-                                 tensorboard=run / runio.TENSORBOARD if cfg.tensorboard else None) if main else None
+                                 tensorboard=run / runio.TENSORBOARD if cfg.tensorboard else None,
+                                 first_step=(epoch - 1) * per_epoch + step) if main else None
+    # steps counted over the whole run (epoch read when called), so a resumed run continues the curve
+    on_step = (lambda s, loss: writer.step_loss((epoch - 1) * per_epoch + s, loss)) \
+        if writer is not None and cfg.tensorboard else None
     alphas = runio.CsvAppender(run / runio.ALPHA, runio.ALPHA_FIELDS, keep) if net.units and main else None
     if alphas is not None and resume is None:
         alphas.rows(alpha_rows(net, 0))  # the initialisation, so trajectories start where training did
-    per_rank = shard_size(len(data.train), w.size)
-    reporter.start(cfg.epochs - epoch + 1, math.ceil(per_rank / cfg.batch_size))
+    reporter.start(cfg.epochs - epoch + 1, per_epoch)
     resume_hint = (f"resume with: torchrun --nproc-per-node {w.size} (and the same node options) -m csnet train "
                    f"--resume {run}" if w.active else f"resume with: csnet train --resume {run}")
     try:
@@ -459,7 +478,7 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 t0 = time.perf_counter()
                 try:
                     train, step, tally = train_epoch(net, data, tasks, opt, cfg, gen, epoch, reporter, stop, step,
-                                                     tally, forward, weighting)
+                                                     tally, forward, weighting, on_step)
                 except NonFiniteLoss as e:
                     kept = (f"the last good checkpoint, {run / runio.LAST}, is kept"
                             if (run / runio.LAST).exists() else "no checkpoint was written")
@@ -484,6 +503,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                         writer.write(epoch, split, values)
                 if alphas is not None:
                     alphas.rows(alpha_rows(net, epoch))
+                    if cfg.tensorboard:
+                        writer.histograms(epoch, alpha_tensors(net))
                 if sched is not None:
                     sched.step()
                 if chosen(val) > best["val_score"]:

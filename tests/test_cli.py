@@ -191,6 +191,41 @@ def test_figures_score_only_the_shared_tasks_as_the_table_does():
     assert "score" not in set(_rescored(df, [], {}).metric)
 
 
+def test_a_run_keeps_its_colour_in_every_panel_and_the_legend(tmp_path):
+    """Read back from the figure's artists: one colour per run across panels (a run may lack a task), the
+    legend's colour the same, percent on the axes, and the band only where there are seeds."""
+    import matplotlib.colors as mcolors
+
+    from csnet import plots
+    from csnet.compare import curve_series
+
+    def seeds(tasks, n):
+        return {s: pd.DataFrame([(e, "test", t, m, 0.5 + 0.01 * s + 0.1 * e) for e in (1, 2) for t, m in tasks],
+                                columns=["epoch", "split", "task", "metric", "value"]) for s in range(n)}
+
+    both = [("fine", "accuracy"), ("coarse", "accuracy"), ("mean", "score")]
+    series = {"a": curve_series(seeds(both, 3)), "b": curve_series(seeds([("coarse", "accuracy")], 1)),
+              "c": curve_series(seeds(both, 2))}
+    panels = [("fine", "accuracy", "%"), ("coarse", "accuracy", "%"), ("mean", "score", "%")]
+    fig = plots.test_metrics_figure(series, panels)
+    seen = {}
+    for ax in fig.axes:
+        assert ax.get_ylabel().endswith("[%]") and ax.get_ylim()[1] <= 100.5
+        for line in ax.get_lines():
+            seen.setdefault(line.get_label(), set()).add(mcolors.to_hex(line.get_color()))
+        assert max(max(line.get_ydata()) for line in ax.get_lines()) > 60  # drawn in percent, not fractions
+    assert {k: len(v) for k, v in seen.items()} == {"a": 1, "b": 1, "c": 1}
+    assert len({next(iter(v)) for v in seen.values()}) == 3
+    bands = [c for c in fig.axes[0].collections]
+    assert len(bands) == 2  # a and c have seeds; b has one run and is not in this panel
+    plots._save(fig, tmp_path / "t.png", order=list(series))
+    assert (tmp_path / "t.pdf").read_bytes().startswith(b"%PDF")
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "c"]
+    for text, handle in zip(legend.get_texts(), legend.legend_handles):
+        assert mcolors.to_hex(handle.get_color()) in seen[text.get_text()]
+
+
 def test_curve_bands_are_the_tables_interval():
     from csnet.compare import curve_series, interval
 
@@ -252,15 +287,20 @@ def test_tensorboard_scalars_are_the_metrics(cli, shared_data_root, tmp_path, mo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "tb"
-    _ok(cli("train", "--stitch", "none", "--data-root", shared_data_root, *SMALL, "--epochs", "2", "--tensorboard",
-            "--out", run))
-    events = EventAccumulator(str(run / "tensorboard"))
+    _ok(cli("train", "--data-root", shared_data_root, *SMALL, "--epochs", "2", "--tensorboard", "--out", run))
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})  # 0: keep every event
     events.Reload()
     m = pd.read_csv(run / "metrics.csv")
     assert len(events.Tags()["scalars"]) == len(m.groupby(["split", "task", "metric"]))
     for _, r in m[m.metric.isin(["accuracy", "score", "loss"])].iterrows():
         got = {e.step: e.value for e in events.Scalars(f"{r.task}/{r.metric}/{r.split}")}
         assert got[r.epoch] == pytest.approx(r.value, rel=1e-5)
+    steps = EventAccumulator(str(run / "tensorboard" / "steps"))
+    steps.Reload()
+    losses = steps.Scalars("train/loss")  # every step of both epochs: 400 examples, batch 64
+    assert [e.step for e in losses] == list(range(1, 15)) and all(0 < e.value < 20 for e in losses)
+    histograms = events.Tags()["histograms"]
+    assert "alpha/pool1/fine->coarse" in histograms and len(events.Histograms("alpha/fc/coarse->coarse")) == 2
     monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as without the package
     code, _, err = cli("train", "--tensorboard", "--out", tmp_path / "no")
     assert code == 2 and "pip install 'csnet[tensorboard]'" in err and not (tmp_path / "no").exists()
