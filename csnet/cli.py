@@ -136,6 +136,9 @@ WeightingOpt = Annotated[str, typer.Option(
                         "(Chen et al. 2018, 1.5 by default), pcgrad (Yu et al. 2020).")]
 TensorBoard = Annotated[bool, typer.Option("--tensorboard", help="Also write the metrics as TensorBoard scalars to "
                                            "RUN/tensorboard/ (needs the optional tensorboard package).")]
+Augment = Annotated[str, typer.Option(
+    help="Training batches flipped left-right and/or cropped after padding by an eighth of the side, per sample, "
+         "with per-pixel targets alike: none, or flip, crop, comma-separated (never at evaluation).")]
 KeepLast = Annotated[bool, typer.Option("--keep-last", help="Keep last.pt (the whole training state) when the run ends, "
                                         "to extend it later with --resume --epochs N; removed otherwise.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
@@ -284,7 +287,7 @@ def pretrain(
     momentum: Momentum = _T.momentum, lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed,
     seeds: Seeds = None, select: Select = None, device: Device = _T.device, deterministic: Deterministic = False,
     amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False, keep_last: KeepLast = False,
-    tensorboard: TensorBoard = False,
+    tensorboard: TensorBoard = False, augment: Augment = _T.augment,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train one single-task column: the network each cross-stitch column starts from."""
@@ -309,7 +312,7 @@ def pretrain(
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
-                    amp=amp, channels_last=channels_last, compile=compile, select=select, keep_last=keep_last, tensorboard=tensorboard),
+                    amp=amp, channels_last=channels_last, compile=compile, select=select, keep_last=keep_last, tensorboard=tensorboard, augment=augment),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list, code=_code(backbone),
     )
 
@@ -365,7 +368,7 @@ def train(
     lr_schedule: LrSchedule = _T.lr_schedule, seed: Seed = _T.seed, seeds: Seeds = None, select: Select = None,
     weighting: WeightingOpt = _T.weighting, device: Device = _T.device, deterministic: Deterministic = False,
     amp: Amp = False, channels_last: ChannelsLast = True, compile: Compile = False, keep_last: KeepLast = False,
-    tensorboard: TensorBoard = False,
+    tensorboard: TensorBoard = False, augment: Augment = _T.augment,
     out: Out = None, name: Name = None, force: Force = False, quiet: Quiet = False, config: Config = None,
 ):
     """Train a cross-stitch network (or the independent baseline, --stitch none) from scratch, --from a run,
@@ -420,7 +423,7 @@ def train(
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
                     deterministic=deterministic, amp=amp, channels_last=channels_last, compile=compile,
                     select=select, weighting=weighting, keep_last=keep_last,
-                    tensorboard=tensorboard),
+                    tensorboard=tensorboard, augment=augment),
         _out(out, name, "train"), console, quiet, from_run=from_run, force=force, weights=weights, seeds=seed_list,
         code=code,
     )

@@ -116,6 +116,8 @@ class TrainConfig:
     keep_last: bool = False
     # metrics.csv's values also as TensorBoard scalars in RUN/tensorboard/ (the optional tensorboard package)
     tensorboard: bool = False
+    # Training batches flipped and/or cropped (csnet.augment): none, or flip, crop, comma-separated.
+    augment: str = "none"
 
     def __post_init__(self):
         finite = math.isfinite
@@ -137,9 +139,12 @@ class TrainConfig:
                 raise UsageError(message)
         if not isinstance(self.weighting, str) or not self.weighting:
             raise UsageError("--weighting is empty")
-        from csnet import weightings  # torch: only once a run is being set up
+        from csnet import augment, weightings  # torch: only once a run is being set up
 
         weightings.check_name(self.weighting)
+        if not isinstance(self.augment, str):
+            raise UsageError("--augment takes none or flip, crop")
+        augment.parse(self.augment)
         if self.freeze_columns and self.weighting.partition(":")[0] == "gradnorm":
             raise UsageError("--weighting gradnorm measures gradients in the columns, which --freeze-columns freezes")
         if self.select is not None and not (isinstance(self.select, str) and self.select.count(":") == 1

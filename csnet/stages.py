@@ -320,6 +320,8 @@ def check_training(model_cfg: ModelConfig | None, train_cfg: TrainConfig, net=No
         raise UsageError(problem)
     if model_cfg is None:
         return
+    if train_cfg.augment != "none" and model_cfg.in_features:
+        raise UsageError("--augment flips and crops images; this run's inputs are rows of a table")
     tasks = model_cfg.task_list()
     selection(train_cfg, tasks)
     weighting = weightings.make(train_cfg.weighting, tasks, train_cfg.seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from csnet import distributed, runio, weightings
+from csnet import augment, distributed, runio, weightings
 from csnet.data import Data, Split, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
@@ -251,9 +251,12 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
     weighting = weighting or weightings.make("equal", tasks)
     step = start_step
     w = distributed.world()
+    augments, dense = augment.parse(cfg.augment), {t for t, task in tasks.items() if task.dense}
     for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
                              start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
+        if augments:
+            x, labels = augment.augment(x, labels, dense, augments, augment.generator(cfg.seed, epoch, step, w.rank))
         if weighting.per_task_gradients and w.active:
             distributed.broadcast_buffers(net)  # what DDP's forward does: every rank runs rank 0's statistics
         losses, present = {}, {}
