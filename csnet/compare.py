@@ -331,6 +331,19 @@ def curve_series(metrics: dict[int, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["split", "task", "metric", "epoch", "mean", "low", "high"])
 
 
+def panels(info: dict[str, dict], score: bool = True) -> list[tuple[str, str, str]]:
+    """The test_metrics figure's panels: each task's primary metric in its unit (``info``: task_info's), then
+    the score."""
+    return [(t, i["primary"], i["units"].get(i["primary"], "")) for t, i in info.items()] + \
+        ([("mean", "score", PERCENT)] if score else [])
+
+
+def weights_moved(metrics) -> bool:
+    """Whether a --weighting moved any task's loss weight (the plain sum's are 1 throughout), in any of the
+    ``metrics`` tables: then the loss_weights figure is drawn."""
+    return any(bool(((df.metric == "loss_weight") & (df.value != 1)).any()) for df in metrics)
+
+
 def _key(task: str, metric: str, unit: str) -> str:
     return labelled(f"{task}:{metric}", unit)
 
@@ -411,9 +424,8 @@ def compare(runs: list[Path], out: Path, references: list[Path] | None = None,
     table.to_csv(out / "compare.csv", index=False, float_format="%.6g")
     series = {label: curve_series({s: _rescored(df, shared, primary) for s, df in entries[label][1].items()})
               for label in labels}
-    panels = [(t, primary[t], unit[t]) for t in tasks] + ([("mean", "score", PERCENT)] if shared else [])
-    figures = plots.curves(series, out, panels, weights=any(
-        ((df.metric == "loss_weight") & (df.value != 1)).any() for e in entries.values() for df in e[1].values()))
+    figures = plots.curves(series, out, panels({t: kinds[t] for t in tasks}, score=bool(shared)),
+                           weights=weights_moved(df for e in entries.values() for df in e[1].values()))
     finals = {}
     for label, run in zip(labels, runs):
         files = [p / runio.ALPHA_FINAL for p in members(run).values() if (p / runio.ALPHA_FINAL).is_file()]

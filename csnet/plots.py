@@ -31,9 +31,10 @@ def colours(labels) -> dict[str, str]:
     return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
 
 
-def _save(fig, path: Path, legend: bool = True, order=()) -> Path:
+def _save(fig, path: Path, legend: bool = True, order=(), tight: bool = True) -> Path:
     """PNG for reading, PDF for papers. The legend sits outside the axes, below them: every line once, from
-    whichever panel has it (a run may lack a task), in ``order`` (the runs' order) where given."""
+    whichever panel has it (a run may lack a task), in ``order`` (the runs' order) where given. ``tight``:
+    tight_layout first (not for a figure with a colorbar spanning its panels, which it cannot place)."""
     if legend:
         found = {}
         for ax in fig.axes:
@@ -45,7 +46,8 @@ def _save(fig, path: Path, legend: bool = True, order=()) -> Path:
         if handles:
             fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
                        fontsize=8, frameon=False)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     try:
         for suffix in (".png", ".pdf"):
             fig.savefig(path.with_suffix(suffix), dpi=150, bbox_inches="tight")
@@ -171,15 +173,7 @@ def alpha_heatmaps(final: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("source task")
     axes[0][0].set_ylabel("target task")
     fig.colorbar(im, ax=list(axes[0]), fraction=0.046, label="mean unit weight")
-    fig.set_layout_engine("none")
-    try:
-        for suffix in (".png", ".pdf"):
-            fig.savefig(path.with_suffix(suffix), dpi=150, bbox_inches="tight")
-    except OSError as e:
-        raise CsnetError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path, legend=False, tight=False)
 
 
 def alpha_histograms(final: pd.DataFrame, path: Path) -> Path:

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from csnet import data as data_lib
 from csnet import distributed, plots, runio, weightings
-from csnet.compare import curve_series, read_metrics, task_info
+from csnet.compare import curve_series, panels, read_metrics, task_info, weights_moved
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
@@ -237,10 +237,8 @@ def _outputs(run: Path) -> None:
     (run / "plots").mkdir(exist_ok=True)
     metrics = read_metrics(run)
     tasks = [t for t in dict.fromkeys(metrics.task) if t not in ("mean", "total", "all")]
-    info = task_info(run, tasks)
-    panels = [(t, i["primary"], i["units"].get(i["primary"], "")) for t, i in info.items()] + [("mean", "score", "%")]
-    plots.curves({run.name: curve_series({0: metrics})}, run / "plots", panels,
-                 weights=bool(((metrics.metric == "loss_weight") & (metrics.value != 1)).any()))
+    plots.curves({run.name: curve_series({0: metrics})}, run / "plots", panels(task_info(run, tasks)),
+                 weights=weights_moved([metrics]))
     plots.alpha_plots(run)
 
 

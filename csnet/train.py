@@ -322,39 +322,33 @@ def _epoch_line(epoch: int, epochs: int, train: dict, val: dict, test: dict, spe
     )
 
 
-def alpha_rows(net: CrossStitchNet, epoch: int) -> list[tuple]:
-    """alpha.csv rows: per stitch point, target and source task, mean and std of the weights over channels
-    (what the paper's section 5.4 plots to show how much each task takes from the others)."""
-    rows = []
-    for point, unit in net.units.items():
-        w = unit.mixing_weights()
-        for i, target in enumerate(net.tasks):
-            for j, source in enumerate(net.tasks):
-                v = w[i, j].float()
-                rows.append((epoch, point, target, source, f"{v.mean().item():.6g}",
-                             f"{v.std(unbiased=False).item():.6g}"))
-    return rows
-
-
-def alpha_tensors(net: CrossStitchNet) -> dict[str, torch.Tensor]:
-    """Per stitch point and (source, target) pair, the weights over channels: TensorBoard's α histograms."""
-    out = {}
+def alpha_pairs(net: CrossStitchNet):
+    """(point, target, source, weights over channels as a float32 CPU vector) for every stitch point and task
+    pair: what alpha.csv, alpha_final.csv and TensorBoard's α histograms are made of."""
     for point, unit in net.units.items():
         w = unit.mixing_weights().detach().float().cpu()
         for i, target in enumerate(net.tasks):
             for j, source in enumerate(net.tasks):
-                out[f"alpha/{point}/{source}->{target}"] = w[i, j].reshape(-1)
-    return out
+                yield point, target, source, w[i, j].reshape(-1)
+
+
+def alpha_rows(net: CrossStitchNet, epoch: int) -> list[tuple]:
+    """alpha.csv rows: per stitch point, target and source task, mean and std of the weights over channels
+    (what the paper's section 5.4 plots to show how much each task takes from the others)."""
+    return [(epoch, point, target, source, f"{v.mean().item():.6g}", f"{v.std(unbiased=False).item():.6g}")
+            for point, target, source, v in alpha_pairs(net)]
+
+
+def alpha_tensors(net: CrossStitchNet) -> dict[str, torch.Tensor]:
+    """TensorBoard's α histograms: per stitch point and (source, target) pair, the weights over channels."""
+    return {f"alpha/{point}/{source}->{target}": v for point, target, source, v in alpha_pairs(net)}
 
 
 def write_final_alpha(net: CrossStitchNet, path: Path) -> None:
     """Every per-channel weight at the end of training: point, target, source, channel, value."""
     lines = ["point,target,source,channel,value"]
-    for point, unit in net.units.items():
-        w = unit.mixing_weights().cpu()
-        for i, target in enumerate(net.tasks):
-            for j, source in enumerate(net.tasks):
-                lines += [f"{point},{target},{source},{c},{v:.6g}" for c, v in enumerate(w[i, j].tolist())]
+    for point, target, source, v in alpha_pairs(net):
+        lines += [f"{point},{target},{source},{c},{x:.6g}" for c, x in enumerate(v.tolist())]
     runio.atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
