@@ -24,7 +24,7 @@ from rich.table import Table
 # Only what --help and argument errors need: torch, torchvision, pandas and matplotlib are imported
 # by the command that uses them (tests/test_cli.py checks sys.modules after --help).
 from csnet import distributed, runio
-from csnet.config import BACKBONES, DATASETS, DataConfig, TrainConfig, defaults, is_custom
+from csnet.config import BACKBONES, DATASETS, DataConfig, TrainConfig, defaults, is_custom, trust_data
 from csnet.errors import CsnetError, UsageError
 from csnet.runio import default_out, run_path
 
@@ -50,7 +50,7 @@ _state = {"debug": False}
 _D, _T = defaults(DataConfig), defaults(TrainConfig)
 
 DATASET_NAMES = ", ".join(DATASETS)
-Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), or folder:PATH (images and a labels.csv).")]
+Dataset = Annotated[str, typer.Option(help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), folder:PATH (images and a labels.csv), or module.path:function (your own torch Dataset).")]
 DataRoot = Annotated[Optional[str], typer.Option(
     help="Folder holding fashion-mnist/ with the four IDX files [default: $CSNET_DATA_ROOT, ./data, /usr/share/datasets].")]
 ValSize = Annotated[Optional[int], typer.Option(
@@ -67,6 +67,15 @@ Labels = Annotated[Optional[str], typer.Option(
     help="For --dataset folder:PATH, the label table (image paths in it stay relative to PATH) [default: PATH/labels.csv].")]
 ImageColumn = Annotated[Optional[str], typer.Option(
     help="For --dataset folder:PATH, the table's column naming the image files [default: image].")]
+StreamOpt = Annotated[Optional[bool], typer.Option(
+    "--stream/--no-stream", help="For folder:PATH and your own data set, read the items from disk as they are needed "
+                                 "(--stream) or once into memory (--no-stream) [default: stream when the set would "
+                                 "take more than a quarter of the machine's memory].")]
+Workers = Annotated[Optional[int], typer.Option(
+    min=0, max=256, help="Processes reading a streamed data set ahead of training (0: the training process) "
+                         "[default: up to 4].")]
+DataOption = Annotated[Optional[list[str]], typer.Option(
+    help="KEY=VALUE passed to your own data set's function as a keyword argument (a string); repeatable.")]
 TestCsv = Annotated[Optional[str], typer.Option(help="For --dataset csv:PATH, a separate test table [default: a seeded fifth of PATH].")]
 TrainSize = Annotated[Optional[int], typer.Option(min=1, help="Train on this many images of the rest (seeded) [default: all].")]
 TestSize = Annotated[Optional[int], typer.Option(min=1, help="Test on this many of the official test images (seeded), for quick runs [default: all].")]
@@ -175,7 +184,8 @@ def _seed_list(ctx: typer.Context, seeds: str | None) -> list[int] | None:
 
 
 def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve=None,
-                 test_csv=None, label_columns=None, image_size=None, labels=None, image_column=None) -> DataConfig:
+                 test_csv=None, label_columns=None, image_size=None, labels=None, image_column=None,
+                 stream=None, workers=None, data_option=None) -> DataConfig:
     counts = {}
     for item in starve or []:
         task, _, n = item.partition("=")
@@ -185,7 +195,24 @@ def _data_config(dataset, data_root, val_size, train_size, test_size, split_seed
     return DataConfig(dataset=dataset, data_root=data_root, val_size=val_size, train_size=train_size,
                       test_size=test_size, split_seed=split_seed, starve=counts or None, test_csv=test_csv,
                       label_columns=_parse_list(label_columns, "--label-columns") if label_columns else None,
-                      image_size=image_size, labels=labels, image_column=image_column)
+                      image_size=image_size, labels=labels, image_column=image_column, stream=stream,
+                      workers=workers, options=_options(data_option))
+
+
+def _options(data_option: list[str] | None) -> dict[str, str] | None:
+    """``--data-option KEY=VALUE`` pairs as keyword arguments of the data set's function."""
+    options = {}
+    for item in data_option or []:
+        key, eq, value = item.partition("=")
+        if not key.isidentifier() or not eq:
+            raise UsageError(f"--data-option takes KEY=VALUE (KEY a Python name), got {item!r}")
+        options[key] = value
+    return options or None
+
+
+def _trusted(dataset: str | None) -> tuple[str, ...]:
+    """The user's own data set named on this command line: code it may import (see ``_code``)."""
+    return (trust_data(dataset),) if dataset is not None and is_custom(dataset) else ()
 
 
 def _code(backbone: str | None, with_run: str | None = None) -> tuple[str, ...]:
@@ -279,7 +306,8 @@ def pretrain(
     dataset: Dataset = _D.dataset, data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
-    labels: Labels = None, image_column: ImageColumn = None,
+    labels: Labels = None, image_column: ImageColumn = None, stream: StreamOpt = None, workers: Workers = None,
+    data_option: DataOption = None,
     backbone: Backbone = None, batch_norm: BatchNorm = None, dropout: Dropout = None, hidden: Hidden = None,
     weights: Weights = None,
     epochs: Epochs = _T.epochs, batch_size: BatchSize = _T.batch_size, lr: Lr = _T.lr,
@@ -296,7 +324,7 @@ def pretrain(
 
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
-    spec = dataset_spec(dataset, kinds, image_size, labels, image_column)
+    spec = dataset_spec(dataset, kinds, image_size, labels, image_column, options=_options(data_option))
     if task is None:
         if len(spec.tasks) != 1:
             raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
@@ -308,12 +336,13 @@ def pretrain(
                               batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     stages.pretrain(
         task, _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                           label_columns, image_size, labels, image_column),
+                           label_columns, image_size, labels, image_column, stream, workers, data_option),
         model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
                     amp=amp, channels_last=channels_last, compile=compile, select=select, keep_last=keep_last, tensorboard=tensorboard, augment=augment),
-        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list, code=_code(backbone),
+        _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
+        code=_code(backbone) + _trusted(dataset),
     )
 
 
@@ -356,7 +385,8 @@ def train(
     data_root: DataRoot = None, val_size: ValSize = _D.val_size,
     train_size: TrainSize = None, test_size: TestSize = None, split_seed: SplitSeed = _D.split_seed,
     starve: Starve = None, test_csv: TestCsv = None, label_columns: LabelColumns = None, image_size: ImageSize = None,
-    labels: Labels = None, image_column: ImageColumn = None,
+    labels: Labels = None, image_column: ImageColumn = None, stream: StreamOpt = None, workers: Workers = None,
+    data_option: DataOption = None,
     backbone: Backbone = None, arch: Arch = None, share_until: ShareUntil = None, subspaces: Subspaces = None,
     stitch: Stitch = None, unit_mode: UnitMode = None, unit_init: UnitInit = None,
     alpha: Alpha = None, beta: Beta = None,
@@ -377,20 +407,24 @@ def train(
     from csnet.data import dataset_spec
 
     if resume is not None:
-        allowed = {"resume", "epochs", "device", "quiet", "ctx", "config", "backbone"}
+        allowed = {"resume", "epochs", "device", "quiet", "ctx", "config", "backbone", "dataset"}
         given = _given(ctx, [n for n in ctx.params if n not in allowed])
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --resume (the run keeps its settings; "
                              "only --epochs and --device may change)")
+        if dataset is not None and (not is_custom(dataset) or dataset != stages.run_data_config(resume).dataset):
+            raise UsageError(f"--dataset {dataset} cannot be used with --resume (with a run, --dataset only names the "
+                             "run's own module.path:function data set, to allow importing it)")
         stages.resume(resume, console, quiet=quiet,
                       epochs=epochs if _given(ctx, ["epochs"]) else None,
-                      device=device if _given(ctx, ["device"]) else None, code=_code(backbone, "--resume"))
+                      device=device if _given(ctx, ["device"]) else None,
+                      code=_code(backbone, "--resume") + _trusted(dataset))
         return
     seed_list = _seed_list(ctx, seeds)
     model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, subspaces=subspaces, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
-    code = _code(backbone, "--from" if from_run is not None else None)
+    code = _code(backbone, "--from" if from_run is not None else None) + _trusted(dataset)
     if from_run is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None and k != "backbone"]
         given += [flag for flag, v in (("--tasks", tasks), ("--weights", weights)) if v is not None]
@@ -403,7 +437,7 @@ def train(
     else:
         dataset = dataset or _D.dataset
         task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})
-        spec = dataset_spec(dataset, kinds, image_size, labels, image_column)
+        spec = dataset_spec(dataset, kinds, image_size, labels, image_column, options=_options(data_option))
         task_list = task_list or list(spec.default_tasks)
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
@@ -417,7 +451,7 @@ def train(
                                   label_columns=label_columns, **model_opts)
     stages.train(
         _data_config(dataset, data_root, val_size, train_size, test_size, split_seed, starve, test_csv,
-                     label_columns, image_size, labels, image_column), model_cfg,
+                     label_columns, image_size, labels, image_column, stream, workers, data_option), model_cfg,
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     momentum=momentum, stitch_lr_mult=stitch_lr_mult, lr_schedule=lr_schedule,
                     freeze_columns=freeze_columns, train_heads=train_heads, seed=seed, device=device,
@@ -438,7 +472,8 @@ def eval_(
     device: Device = _T.device, data_root: DataRoot = None, backbone: TrustBackbone = None,
 ):
     """Evaluate a run's saved network: per-task loss and metrics, the mean loss and the score; writes RUN/eval.csv."""
-    metrics, not_saved = _start().eval_run(run, split, device, data_root, console, dataset, _code(backbone, "eval"))
+    metrics, not_saved = _start().eval_run(run, split, device, data_root, console, dataset,
+                                                   _code(backbone, "eval") + _trusted(dataset))
     from csnet.compare import task_info
     from csnet.units import PERCENT, with_unit
 

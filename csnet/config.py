@@ -27,9 +27,16 @@ def defaults(cls) -> SimpleNamespace:
     return SimpleNamespace(**{f.name: f.default for f in fields(cls) if f.default is not MISSING})
 
 
-def is_custom(backbone: str) -> bool:
-    """A user's own column, ``module.path:function``: code, so never imported because a file names it."""
-    return ":" in backbone
+def is_custom(name: str) -> bool:
+    """A user's own column or data set, ``module.path:function``: code, so never imported because a file
+    names it (``csv:PATH`` and ``folder:PATH`` name files)."""
+    return ":" in name and not name.startswith(("csv:", "folder:"))
+
+
+def trust_data(name: str) -> str:
+    """The entry of a command's trusted code (``--backbone``, ``--dataset`` names) that allows importing the
+    data set ``name``; ``=`` cannot occur in a module path, so it never names a backbone."""
+    return f"dataset={name}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class DataConfig:
     image_size: int | None = None  # folder: images resized to S x S (default: their own side, if all share it)
     labels: str | None = None  # folder: the label table (default: PATH/labels.csv)
     image_column: str | None = None  # folder: the table's column naming the images (default: image)
+    stream: bool | None = None  # folder / your own Dataset: read items as needed (default: when the set is too big)
+    workers: int | None = None  # processes reading a streamed set (default: up to 4)
+    options: dict[str, str] | None = None  # your own data set: keyword arguments of its function
 
     def __post_init__(self):
         if not 0 <= self.split_seed <= MAX_SEED:
@@ -71,6 +81,15 @@ class DataConfig:
                               ("--image-column", self.image_column)):
             if value is not None and not self.dataset.startswith("folder:"):
                 raise UsageError(f"{option} applies to --dataset folder:PATH")
+        streams = self.dataset.startswith("folder:") or is_custom(self.dataset)
+        for option, value in (("--stream", self.stream), ("--workers", self.workers)):
+            if value is not None and not streams:
+                raise UsageError(f"{option} applies to --dataset folder:PATH and your own module.path:function "
+                                 "(the other data sets are always held in memory)")
+        if self.workers is not None and not 0 <= self.workers <= 256:
+            raise UsageError(f"--workers must be from 0 to 256, got {self.workers}")
+        if self.options and not is_custom(self.dataset):
+            raise UsageError("--data-option applies to your own --dataset module.path:function")
 
 
 

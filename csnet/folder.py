@@ -150,68 +150,64 @@ def _read_target(path: Path) -> torch.Tensor:
     return t[0].float()
 
 
-@lru_cache(maxsize=2)
-def _decoded(lay: Layout, table_version: tuple, size: int | None):
-    """(images uint8 (N, C, S, S), {column: targets (N, S, S) float32, or the problem reading them}, side):
-    the folder read once, each image resized as soon as it is decoded."""
+def _fit_image(r: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """A decoded image at the set's size and channel count: what both the in-memory and the streamed
+    paths hold, made by the same calls so they hold the same bytes."""
     from torchvision.transforms.v2 import functional as TF
 
-    root = lay.root
-    df = _table(lay)
-    paths = [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])]
-    shapes, kept = [], []
-    for path in paths:
-        r = _read_image(path)
-        shapes.append(tuple(r.shape[1:]))
-        if size is None and (shapes[-1] != shapes[0] or shapes[0][0] != shapes[0][1]):
-            raise UsageError(f"{root}: the images are not all square of one size (found {shapes[0]} and "
-                             f"{shapes[-1]}); give --image-size S to resize them to S x S")
-        side = size or shapes[0][0]
-        kept.append(TF.resize(r, [side, side], antialias=True) if shapes[-1] != (side, side) else r)
-    size = size or shapes[0][0]
-    channels = 3 if any(r.shape[0] == 3 for r in kept) else 1
-    images = torch.empty(len(kept), channels, size, size, dtype=torch.uint8)
-    for i, r in enumerate(kept):
-        images[i] = r.expand(channels, -1, -1)  # gray to RGB where another image is in colour
-    del kept
-    targets = {}
-    for column in df.columns:
-        if column in (lay.image, SPLIT_COLUMN) or not _is_target_file(df[column]):
-            continue
-        try:
-            targets[column] = _targets_of(lay, df, column, paths, shapes, size)
-        except CsnetError as e:  # an error only once a run chooses this column as a task
-            targets[column] = str(e)
-    return images, targets, size
+    if tuple(r.shape[1:]) != (size, size):
+        r = TF.resize(r, [size, size], antialias=True)
+    return r.expand(channels, -1, -1)
 
 
-def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size: int) -> torch.Tensor:
+def _fit_target(t: torch.Tensor, size: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 
-    out = torch.full((len(df), size, size), float("nan"))
-    for i, name in enumerate(df[column]):
-        if not isinstance(name, str):
-            continue
-        t = _read_target(_inside(lay, name, i, column))
-        if tuple(t.shape) != shapes[i]:
-            raise CsnetError(f"{lay.root / name}: {tuple(t.shape)} pixels, but its image {paths[i].name} has "
-                             f"{shapes[i]}; a per-pixel target must match its image")
-        out[i] = TF.resize(t[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
-            if tuple(t.shape) != (size, size) else t
-    return out
+    return TF.resize(t[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
+        if tuple(t.shape) != (size, size) else t
 
 
-def _classes_of(column: str, y: torch.Tensor) -> tuple[int, str | None]:
+def _encode_dense(y: torch.Tensor, task) -> torch.Tensor:
+    """Float maps (NaN: no file) in the encoding the task reads: uint8 class maps with 255 unlabelled (-1 in
+    the files too), long ones past 255 classes, float depth."""
+    if task.kind != "segmentation":
+        return y
+    y = torch.where(torch.isnan(y) | (y == -1), float(IGNORE), y)
+    return y.to(torch.uint8) if task.size <= IGNORE else torch.where(y == IGNORE, -1.0, y).long()
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What one read of the whole folder learns: the side and channels, per image its pixel sums, per target
+    column its class summary or the problem reading it, and, where the set fits in memory, the decoded
+    images (uint8 (N, C, S, S)) and target maps (float32 (N, S, S), NaN where a row names no file)."""
+
+    size: int
+    channels: int
+    shapes: tuple
+    sums: torch.Tensor  # (N, 2, C) float64: per image and channel, the sum of values and of squares
+    columns: dict  # target column -> (number of classes, problem) or the error reading it (a string)
+    images: torch.Tensor | None
+    targets: dict
+
+
+def _summary(values: torch.Tensor) -> tuple[bool, int]:
+    """(whether any value is not a whole class number, the largest class) of one class map."""
+    values = values[~torch.isnan(values)]
+    values = values[(values != IGNORE) & (values != -1)]
+    bad = not bool(torch.isfinite(values).all()) or not bool((values == values.round()).all()) or \
+        bool((values < 0).any())
+    return bad, int(values.max()) if len(values) and not bad else -1
+
+
+def _classes_of(column: str, bad: bool, top: int) -> tuple[int, str | None]:
     """(number of classes, or the problem) of a column of class maps: whole numbers, 255 or -1 unlabelled."""
     from csnet.cells import MAX_CLASSES
 
-    values = y[~torch.isnan(y)]
-    values = values[(values != IGNORE) & (values != -1)]
-    if not bool(torch.isfinite(values).all()) or not bool((values == values.round()).all()) or \
-            bool((values < 0).any()):
+    if bad:
         return 0, (f"task {column}: its maps hold values that are not whole class numbers (0, 1, ...; 255 or -1 for "
                    f"no label); give {column}:depth for a map of values")
-    n = int(values.max()) + 1 if len(values) else 0
+    n = top + 1
     if n < 2:
         return n, (f"task {column}: its maps hold {n} class(es) besides 255, which marks unlabelled pixels; store a "
                    "binary mask as 0 and 1")
@@ -221,68 +217,153 @@ def _classes_of(column: str, y: torch.Tensor) -> tuple[int, str | None]:
     return n, None
 
 
-def _load(lay: Layout, size: int | None):
+def _target_columns(lay: Layout, df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in (lay.image, SPLIT_COLUMN) and _is_target_file(df[c])]
+
+
+@lru_cache(maxsize=2)
+def _decoded(lay: Layout, table_version: tuple, size: int | None, keep: bool) -> _Scan:
+    """The folder read once, each image resized as soon as it is decoded; kept only when ``keep``."""
+    root = lay.root
+    df = _table(lay)
+    paths = [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])]
+    shapes, kept, sums, colour = [], [], [], False
+    for path in paths:
+        r = _read_image(path)
+        shapes.append(tuple(r.shape[1:]))
+        if size is None and (shapes[-1] != shapes[0] or shapes[0][0] != shapes[0][1]):
+            raise UsageError(f"{root}: the images are not all square of one size (found {shapes[0]} and "
+                             f"{shapes[-1]}); give --image-size S to resize them to S x S")
+        r = _fit_image(r, size or shapes[0][0], r.shape[0])
+        colour = colour or r.shape[0] == 3
+        c = r.double()  # exact sums of whole numbers: the same statistics however the images are read later
+        sums.append(torch.stack([c.sum((1, 2)), c.square().sum((1, 2))]).expand(2, 3))  # gray: one value thrice
+        if keep:
+            kept.append(r)
+    size = size or shapes[0][0]
+    channels = 3 if colour else 1
+    images = None
+    if keep:
+        images = torch.empty(len(kept), channels, size, size, dtype=torch.uint8)
+        for i, r in enumerate(kept):
+            images[i] = r.expand(channels, -1, -1)  # gray to RGB where another image is in colour
+        del kept
+    columns, targets = {}, {}
+    for column in _target_columns(lay, df):
+        try:
+            columns[column], targets[column] = _targets_of(lay, df, column, paths, shapes, size, keep)
+        except CsnetError as e:  # an error only once a run chooses this column as a task
+            columns[column] = str(e)
+    return _Scan(size, channels, tuple(shapes), torch.stack(sums)[:, :, :channels], columns, images, targets)
+
+
+def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size: int, keep: bool):
+    """(class summary, stacked maps or None) of one column of target files, every file checked."""
+    out = torch.full((len(df), size, size), float("nan")) if keep else None
+    bad, top = False, -1
+    for i, name in enumerate(df[column]):
+        if not isinstance(name, str):
+            continue
+        t = _read_target(_inside(lay, name, i, column))
+        if tuple(t.shape) != shapes[i]:
+            raise CsnetError(f"{lay.root / name}: {tuple(t.shape)} pixels, but its image {paths[i].name} has "
+                             f"{shapes[i]}; a per-pixel target must match its image")
+        t = _fit_target(t, size)
+        b, m = _summary(t)
+        bad, top = bad or b, max(top, m)
+        if keep:
+            out[i] = t
+    return _classes_of(column, bad, top), out
+
+
+def _estimate(lay: Layout, df: pd.DataFrame, size: int | None) -> int:
+    """Bytes the folder takes in memory at its size: three channels per pixel (colour unless every image
+    is gray, which only the whole read tells) and four per pixel of each target column."""
+    first = _read_image(_inside(lay, str(df[lay.image].iloc[0]), 0, lay.image))
+    side = size or first.shape[1]
+    return len(df) * side * side * (3 + 4 * len(_target_columns(lay, df)))
+
+
+def _load(lay: Layout, size: int | None, keep: bool | None = None):
+    """(table, scan); ``keep``: hold the images (None: when they fit in memory)."""
     stat = lay.table.stat()
     lay = Layout(lay.root.resolve(), lay.table.resolve(), lay.image)
-    return _table(lay), *_decoded(lay, (stat.st_mtime_ns, stat.st_size), size)
+    df = _table(lay)
+    if keep is None:
+        from csnet.splits import memory_limit
+
+        keep = _estimate(lay, df, size) <= memory_limit()
+    return df, _decoded(lay, (stat.st_mtime_ns, stat.st_size), size, keep)
 
 
-def folder_spec(name: str, kinds: dict[str, str], image_size: int | None = None, labels: str | None = None,
-                image_column: str | None = None):
+def spec(name: str, kinds: dict[str, str], image_size: int | None = None, labels: str | None = None,
+         image_column: str | None = None):
     """Every column but the image (and split) column is a possible task; target-file columns are per-pixel."""
-    from csnet.data import DatasetSpec
     from csnet.cells import infer_kind
+    from csnet.splits import DatasetSpec
 
     lay = layout(name, labels, image_column)
-    df, images, targets, size = _load(lay, image_size)
+    df, scan = _load(lay, image_size)
     tasks = {}
     for column in df.columns:
         if column in (lay.image, SPLIT_COLUMN):
             continue
         given = kinds.get(column)
-        if column in targets:
+        if column in scan.columns:
             kind = given or "segmentation"
             cls, _ = split_kind(kind, column)
             if not cls.dense:
                 raise UsageError(f"task {column}: its cells name target files, so it is per-pixel: segmentation "
                                  f"or depth, not {cls.kind}")
-            y = targets[column]
-            if isinstance(y, str):  # a file of this column could not be read
-                tasks[column] = TaskSpec(kind, 1, problem=y)
+            found = scan.columns[column]
+            if isinstance(found, str):  # a file of this column could not be read
+                tasks[column] = TaskSpec(kind, 1, problem=found)
             elif cls.kind == "segmentation":
-                tasks[column] = TaskSpec(kind, *_classes_of(column, y))
+                tasks[column] = TaskSpec(kind, *found)
             else:
                 tasks[column] = TaskSpec(kind, 1)
         else:
             tasks[column] = infer_kind(df[column], given, str(lay.table))
-    return DatasetSpec(name, (), tasks, (), tuple(images.shape[1:]), loader=load_folder, backbone="fcn"
-                       if any(split_kind(t.kind)[0].dense for t in tasks.values()) else "convnet")
+    return DatasetSpec(name, (), tasks, (), (scan.channels, scan.size, scan.size), loader=load_folder,
+                       backbone="fcn" if any(split_kind(t.kind)[0].dense for t in tasks.values()) else "convnet")
 
 
-def load_folder(cfg, spec, tasks):
-    from csnet.data import Data, Split, holdout, starve, subset, test_subset
-    from csnet.cells import class_values, encode_targets
+@dataclass
+class Items(torch.utils.data.Dataset):
+    """The folder's rows read one at a time, for data that does not fit in memory: item i is (image uint8
+    (C, S, S), {task: target}), made by the same calls as the in-memory tensors."""
 
-    if cfg.test_csv or cfg.label_columns:
-        raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
-    lay = layout(cfg.dataset, cfg.labels, cfg.image_column)
-    df, images, targets, _ = _load(lay, cfg.image_size)
-    table = str(lay.table)
-    classes = class_values(df, tasks)
-    labels = {}
-    for t, task in tasks.items():
-        if t in targets:
-            y = targets[t]
-            if isinstance(y, str):
-                raise CsnetError(y)
-            if task.kind == "segmentation":  # uint8 class maps, 255 for no label (-1 in the files too)
-                y = torch.where(torch.isnan(y) | (y == -1), float(IGNORE), y)
-                labels[t] = y.to(torch.uint8) if task.size <= IGNORE else torch.where(y == IGNORE, -1.0, y).long()
-            else:
-                labels[t] = y
-        else:
-            labels[t] = encode_targets(df, t, task, classes, table)
-    everything = Split(images, labels)
+    lay: Layout
+    images: list[Path]
+    size: int
+    channels: int
+    scalar: dict[str, torch.Tensor]  # task -> every row's target, from the table
+    dense: dict[str, list]  # task -> every row's target file (None: unlabelled)
+    tasks: dict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _dense(self, task: str, i: int) -> torch.Tensor:
+        name = self.dense[task][i]
+        t = _fit_target(_read_target(self.lay.root / name), self.size) if name is not None else \
+            torch.full((self.size, self.size), float("nan"))
+        return _encode_dense(t, self.tasks[task])
+
+    def __getitem__(self, i: int):
+        image = _fit_image(_read_image(self.images[i]), self.size, self.channels)
+        return image, {**{t: y[i] for t, y in self.scalar.items()}, **{t: self._dense(t, i) for t in self.dense}}
+
+    def targets(self, task: str, index: torch.Tensor) -> torch.Tensor:
+        if task in self.scalar:
+            return self.scalar[task][index]
+        return torch.stack([self._dense(task, i) for i in index.tolist()])
+
+
+def _parts(df: pd.DataFrame, cfg, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row numbers of the train, validation and test splits: the table's split column, else seeded."""
+    from csnet.splits import holdout, test_subset
+
     if SPLIT_COLUMN in df.columns:
         if cfg.val_size is not None:
             raise UsageError(f"{table} has a '{SPLIT_COLUMN}' column, which fixes the validation set: leave --val-size out")
@@ -292,30 +373,60 @@ def load_folder(cfg, spec, tasks):
         empty = [s for s, idx in part.items() if len(idx) == 0]
         if empty:
             raise CsnetError(f"{table}: no row has split {empty[0]}")
-        train, val, test = (subset(everything, part[s]) for s in ("train", "val", "test"))
-        train = subset(train, torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
-                       [:cfg.train_size]) if cfg.train_size else train
+        train, val, test = part["train"], part["val"], part["test"]
+        if cfg.train_size:
+            train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
+                          [:cfg.train_size]]
     else:
         order = torch.randperm(len(df), generator=torch.Generator().manual_seed(cfg.split_seed))
         n_test = max(1, len(df) // 5)
-        test, pool = subset(everything, order[:n_test]), subset(everything, order[n_test:])
+        test, pool = order[:n_test], order[n_test:]
         val_idx, train_idx = holdout(len(pool), cfg, max(1, len(pool) // 10), "images")
-        train, val = subset(pool, train_idx), subset(pool, val_idx)
-    test = subset(test, test_subset(len(test), cfg))
+        train, val = pool[train_idx], pool[val_idx]
+    chosen = test_subset(len(test), cfg)
+    return train, val, test if chosen is None else test[chosen]
+
+
+def load_folder(cfg, spec, tasks):
+    """The splits, in memory when the folder fits (``--stream`` / ``--no-stream`` decide otherwise), read item
+    by item by ``--workers`` processes when not; inputs z-scored per channel with the training split's statistics."""
+    import os
+
+    from csnet.cells import class_values, encode_targets
+    from csnet.splits import Data, Split, Stream, channel_stats, memory_limit, starve
+
+    lay = layout(cfg.dataset, cfg.labels, cfg.image_column)
+    df, scan = _load(lay, cfg.image_size, None if cfg.stream is None else not cfg.stream)
+    table = str(lay.table)
+    for t in tasks:
+        if isinstance(scan.columns.get(t), str):
+            raise CsnetError(scan.columns[t])
+    classes = class_values(df, tasks)
+    scalar = {t: encode_targets(df, t, task, classes, table) for t, task in tasks.items() if t not in scan.columns}
+    rows = _parts(df, cfg, table)
+    streaming = scan.images is None
+    size_mb = len(df) * scan.channels * scan.size ** 2 / 1e6
+    if streaming:
+        workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+        dense = {t: [v if isinstance(v, str) else None for v in df[t]] for t in tasks if t in scan.columns}
+        items = Items(lay, [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])], scan.size,
+                      scan.channels, scalar, dense, tasks)
+        train, val, test = (Stream(items, r, tasks, workers) for r in rows)
+        note = (f"{len(df):,} images ({size_mb:,.0f} MB at {scan.size}x{scan.size}) read from disk as they are "
+                f"needed, by {workers} worker process(es)" + ("" if cfg.stream else
+                                                              f": more than the {memory_limit() / 1e9:.1f} GB "
+                                                              "kept in memory (--no-stream holds them anyway)"))
+    else:
+        labels = {**scalar, **{t: _encode_dense(scan.targets[t], task) for t, task in tasks.items()
+                               if t in scan.columns}}
+        everything = Split(scan.images, labels)
+        train, val, test = (everything.subset(r) for r in rows)
+        note = f"{len(df):,} images held in memory ({size_mb:,.1f} MB at {scan.size}x{scan.size})"
     for t, task in tasks.items():
-        if not bool(task.labelled(train.labels[t]).any()):
+        if not bool(task.labelled(train.targets(t)).any()):
             raise CsnetError(f"{table}: no training image has a {t} target (the column is empty)")
     if cfg.starve:
         train = starve(train, cfg.starve, cfg.split_seed, tasks)
-    # per channel, shaped to broadcast over (N, C, H, W) batches; summed in float64 without a float copy
-    x = train.images
-    total, squares = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
-    for chunk in x.split(256):  # a float copy of 256 images at a time, not of the whole set
-        c = chunk.double()
-        total += c.sum((0, 2, 3))
-        squares += c.square().sum((0, 2, 3))
-    n = x.numel() // x.shape[1]
-    mean = total / n
-    var = (squares / n - mean.square()) * n / max(n - 1, 1)
-    mean, std = mean.float().view(-1, 1, 1), var.clamp_min(0).sqrt().float().clamp_min(1e-6).view(-1, 1, 1)
-    return Data(train=train, val=val, test=test, mean=mean, std=std, files={"labels": Path(table)})
+    sums = scan.sums[rows[0]].sum(0)
+    mean, std = channel_stats(sums[0], sums[1], len(rows[0]) * scan.size ** 2)
+    return Data(train=train, val=val, test=test, mean=mean, std=std, files={"labels": Path(table)}, note=note)

@@ -349,10 +349,9 @@ def load_scenes(cfg, spec, tasks):
     scenes only that hold-out, test scenes only the test images. --train-size, --val-size and
     --test-size count scenes (20,000, 2,000 and 5,000 by default); --split-seed seeds the hold-out and
     every scene, so runs with different training seeds see the same scenes."""
-    from csnet.data import FASHION, Data, Split, locate, read_idx, starve
+    from csnet.idx import FASHION, locate, read_idx
+    from csnet.splits import Data, Split, starve
 
-    if cfg.test_csv or cfg.label_columns:
-        raise UsageError("--test-csv and --label-columns apply to --dataset csv:PATH")
     files = locate(FASHION, Path(cfg.data_root) if cfg.data_root else None)
     raw = {key: read_idx(path) for key, path in files.items()}
     for part in ("train", "test"):
@@ -382,7 +381,8 @@ def load_scenes(cfg, spec, tasks):
 
 
 def _spec():
-    from csnet.data import FASHION, DatasetSpec
+    from csnet.idx import FASHION
+    from csnet.splits import DatasetSpec
     from csnet.tasks import TaskSpec
 
     tasks = {"segment": TaskSpec("segmentation", NUM_CLASSES + 1), "depth": TaskSpec("depth", 1),

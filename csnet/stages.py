@@ -16,7 +16,7 @@ from csnet.compare import curve_series, panels, read_metrics, task_info, weights
 from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
-from csnet.config import is_custom
+from csnet.config import is_custom, trust_data
 from csnet.models.network import ModelConfig, build_network, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
@@ -32,7 +32,7 @@ def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | Non
     """A run folder is data: the network it describes is rebuilt only from csnet's own backbones,
     unless the user names the run's ``module:function`` backbone on this command line (``code``).
     Otherwise evaluating a downloaded run would import whatever module its folder holds."""
-    stray = [c for c in code if c != model_cfg.backbone]
+    stray = [c for c in code if c != model_cfg.backbone and c != trust_data(c.partition("=")[2])]
     if stray and origin is not None:
         raise UsageError(f"--backbone {stray[0]} does not match {origin}, whose network uses backbone "
                          f"{model_cfg.backbone} (with a run, --backbone only names the run's own module:function, "
@@ -113,20 +113,24 @@ def run_data_config(run: Path) -> DataConfig:
 
 
 def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
-    hw = tuple(data.train.images.shape[2:])
+    """Targets of one sample per task and per split have the shapes the heads output; the inputs have the
+    shape the network was built for. Checked on each split's first sample (its tensors are stacked)."""
+    examples = {split: data.split(split).example() for split in ("train", "val", "test")}
+    x = examples["train"][0]
+    hw = tuple(x.shape[2:])
     for name, task in model_cfg.task_list().items():
-        for split in ("train", "val", "test"):
-            got = tuple(data.split(split).labels[name].shape[1:])
+        for split, (_, labels) in examples.items():
+            got = tuple(labels[name].shape[1:])
             if got != task.target_shape(hw) and not (task.dense and got == (1, *hw)):
                 what = "its image's size" if task.dense else f"{task.size} output(s)"
                 raise CsnetError(f"task {name} ({task.kind}): {split} targets have shape {got or 'scalar'} per "
                                  f"sample; they should be {task.target_shape(hw) or 'a scalar'}, to match {what}")
-    if data.train.images.dim() == 2:
-        if data.train.images.shape[1] != model_cfg.in_features:
+    if x.dim() == 2:
+        if x.shape[1] != model_cfg.in_features:
             raise UsageError(f"the network expects {model_cfg.in_features} features per row, "
-                             f"the table has {data.train.images.shape[1]}")
+                             f"the table has {x.shape[1]}")
         return
-    _, channels, size, _ = data.train.images.shape
+    _, channels, size, _ = x.shape
     if (channels, size) != (model_cfg.in_channels, model_cfg.image_size):
         raise UsageError(
             f"the network expects {model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size} images, "
@@ -153,7 +157,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             _load_state(net, state, source / runio.MODEL)
         if note:
             console.print(note, highlight=False)
-        data = data_lib.load(data_cfg, model_cfg.task_list())
+        data = data_lib.load(data_cfg, model_cfg.task_list(), code)
         _check_geometry(model_cfg, data)
         if model_cfg.needs_stats():  # regression heads learn standardized targets: the training split's statistics
             model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
@@ -169,7 +173,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
 
     def create():
         model_stats = {"parameters": n_params, "unit_parameters": n_units,
-                       "macs_per_example": count_macs(net, torch.zeros_like(data.test.images[:1], dtype=torch.float32))}
+                       "macs_per_example": count_macs(net, torch.zeros_like(data.test.example()[0], dtype=torch.float32))}
         config = _config(
             command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
             source=str(Path(source).resolve()) if source else None, data_stats=_data_stats(data),
@@ -188,6 +192,8 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
                      f"{'' if model_cfg.arch == 'cross-stitch' else model_cfg.arch + ', '}stitch {model_cfg.stitch}")
                   + f", {n_params:,} parameters "
                   f"({n_units:,} in units), device {device}", highlight=False)
+    if data.note:
+        console.print(f"data: {data.note}", highlight=False)
     return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet or not main, None)
 
 
@@ -370,7 +376,8 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
         if data_cfg.dataset.startswith("folder:") and data_cfg.image_size is None:
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)  # the size the network was built for
         spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)),
-                                     data_cfg.image_size, data_cfg.labels, data_cfg.image_column)
+                                     data_cfg.image_size, data_cfg.labels, data_cfg.image_column, code,
+                                     data_cfg.options)
         missing = [t for t in model_cfg.tasks if t not in spec.tasks]
         if missing:
             raise UsageError(f"{from_run} has columns for tasks {list(model_cfg.tasks)}, "
@@ -542,7 +549,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
         if note:
             console.print(note, highlight=False)
         data = data_lib.load(from_dict(DataConfig, runio.section(config, "data", run), "data", str(source)),
-                             model_cfg.task_list())
+                             model_cfg.task_list(), code)
         _check_geometry(model_cfg, data)
         net = _build(model_cfg, code, run)
         _load_state(net, last["model"], run / runio.LAST)
@@ -669,7 +676,8 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
     model_cfg, state, norm = _load_model(run)
-    if dataset is not None:
+    own = run_data_config(run) if runio.section(runio.read_config(run), "data", run, optional=True) else None
+    if dataset is not None and (own is None or dataset != own.dataset):
         # another data set, with the split settings the run (or its first source) used, and its own statistics
         config = runio.read_config(run)
         base = runio.section(config, "data", run, optional=True)
@@ -677,7 +685,8 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
         if not base and isinstance(sources, list) and sources and isinstance(sources[0], str):
             base = runio.section(runio.read_config(Path(sources[0])), "data", Path(sources[0]), optional=True)
         data_cfg = replace(from_dict(DataConfig, base, "data", str(run / runio.CONFIG)) if base else DataConfig(),
-                           dataset=dataset, starve=None, image_size=None, labels=None, image_column=None)
+                           dataset=dataset, starve=None, image_size=None, labels=None, image_column=None,
+                           stream=None, workers=None, options=None)
         if dataset.startswith("folder:"):  # the network takes images of the size it was built for
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)
         norm = None
@@ -689,7 +698,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     if note and console:
         console.print(note, highlight=False)
     tasks = model_cfg.task_list()
-    data = data_lib.load(data_cfg, tasks)
+    data = data_lib.load(data_cfg, tasks, code)
     _check_geometry(model_cfg, data)
     net = _build(model_cfg, code, run)
     _load_state(net, state, run / runio.MODEL)

@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from csnet.data import Data, DataConfig, DatasetSpec, Split, holdout, starve, subset, test_subset
+from csnet.config import DataConfig
+from csnet.splits import Data, DatasetSpec, Split, holdout, starve, subset, test_subset
 from csnet.errors import CsnetError, UsageError
 from csnet.cells import class_values, encode_targets, infer_kind, read_table
 from csnet.tasks import Task
 
 
-def csv_spec(name: str, kinds: dict[str, str]) -> DatasetSpec:
+def spec(name: str, kinds: dict[str, str], *_folder_options) -> DatasetSpec:
     """Every column is a possible task (its kind inferred unless ``kinds`` gives it) until --tasks picks."""
     df = read_table(name[4:])
     tasks = {c: infer_kind(df[c], kinds.get(c), name[4:]) for c in df.columns}

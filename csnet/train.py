@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from csnet import augment, distributed, runio, weightings
-from csnet.data import Data, Split, batches, shard_size
+from csnet.splits import Data, Split, Stream, batches, shard_size
 from csnet.errors import CsnetError, UsageError
 from csnet.models.network import CrossStitchNet, ModelConfig
 from csnet.progress import Reporter
@@ -219,17 +219,17 @@ def eval_batch_size(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def evaluate(net: CrossStitchNet, split: Split, tasks: dict[str, Task], *, mean: float, std: float,
+def evaluate(net: CrossStitchNet, split: Split | Stream, tasks: dict[str, Task], *, mean: float, std: float,
              batch_size: int | None = None, forward=None):
     """Per-task loss and metrics on a split, plus the mean loss and score over tasks (task ``mean``)."""
     net.eval()
     forward = forward or net
-    device = split.images.device
+    device = split.device
     batch_size = batch_size or eval_batch_size(device)
     tally = _Tally(tasks, device)
     w = distributed.world()
     if w.active:  # every rank evaluates every size-th sample; no sample is left out or counted twice
-        split = Split(split.images[w.rank::w.size], {t: y[w.rank::w.size] for t, y in split.labels.items()})
+        split = split.shard(w.rank, w.size)
     for x, labels in batches(split, batch_size, mean=mean, std=std):
         for task, out in forward(x).items():
             tally.add(task, *tasks[task].terms(out, labels[task]))
@@ -246,7 +246,7 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
     """
     set_train_mode(net, cfg)
     forward = forward or net
-    device = data.train.images.device
+    device = data.train.device
     tally = tally or _Tally(tasks, device)
     weighting = weighting or weightings.make("equal", tasks)
     step = start_step

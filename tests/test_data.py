@@ -1,12 +1,13 @@
 """The IDX reader, data location, tasks and splits, on IDX files the tests write."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_dataset, write_idx
-from csnet import data
+from csnet import data, idx
 from csnet.data import COARSE_OF_FINE, DataConfig
 from csnet.errors import CsnetError, UsageError
 
@@ -44,7 +45,7 @@ def test_wrong_magic_names_the_file(tmp_path):
 def test_missing_data_names_every_folder_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("CSNET_DATA_ROOT", str(tmp_path / "env-root"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
+    monkeypatch.setattr(idx, "SYSTEM_DATA_ROOT", tmp_path / "system")
     with pytest.raises(CsnetError) as err:
         data.locate(data.DATASETS["fashion"])
     message = str(err.value)
@@ -62,7 +63,7 @@ def test_search_order_prefers_the_environment_variable(tmp_path, monkeypatch):
     assert files["train_images"] == tmp_path / "env-root" / "fashion-mnist" / "train-images-idx3-ubyte"
     monkeypatch.delenv("CSNET_DATA_ROOT")
     files = data.locate(data.DATASETS["fashion"])
-    assert files["train_images"] == data.Path("data") / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    assert files["train_images"] == Path("data") / "fashion-mnist" / "train-images-idx3-ubyte.gz"
 
 
 def test_coarse_task_groups_the_fine_classes_as_in_the_reproduction():

@@ -16,9 +16,7 @@ computes what the module computes, bit for bit.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from csnet.errors import CsnetError, UsageError
 from csnet.config import TORCHVISION_BACKBONES
+from csnet.usercode import load_function
 from csnet.models.columns import Column
 
 TORCHVISION = {name: getattr(torchvision.models, name) for name in TORCHVISION_BACKBONES}
@@ -203,22 +202,7 @@ def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int
     and ``image_size``. The current folder is importable, like ``python -m``. Only call this
     for a spec the user named on the command line (or in Python): it imports and runs code.
     """
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise UsageError(f"--backbone {spec!r}: a custom column is given as module.path:function")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"--backbone {spec}: cannot import {module_name} ({e})") from e
-    except Exception as e:  # the module's own code failed: a SyntaxError, a raise at import time
-        raise UsageError(f"--backbone {spec}: importing {module_name} failed ({type(e).__name__}: {e})") from e
-    factory = getattr(module, func_name, None)
-    if factory is None:
-        raise UsageError(f"--backbone {spec}: {module_name} has no {func_name}")
-    if not callable(factory):
-        raise UsageError(f"--backbone {spec}: {func_name} is a {type(factory).__name__}, not a function")
+    factory = load_function(spec, "--backbone")
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: pass num_classes only
@@ -230,7 +214,7 @@ def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int
     try:
         result = factory(**kwargs)
     except Exception as e:
-        raise UsageError(f"--backbone {spec}: {func_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
+        raise UsageError(f"--backbone {spec}: {spec.partition(':')[2]}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
                          f"raised {type(e).__name__}: {e}") from e
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)
             and isinstance(result[1], (list, tuple)) and all(isinstance(p, str) for p in result[1])):
