@@ -67,7 +67,7 @@ def _made(name: str, options: tuple, split: str):
 
 
 def check_dataset(made, where: str):
-    if not (hasattr(made, "__getitem__") and hasattr(made, "__len__")):
+    if not (hasattr(made, "__getitem__") and hasattr(made, "__len__")) or isinstance(made, (list, tuple, dict, str)):
         raise UsageError(f"{where}: expected a torch.utils.data.Dataset (with __getitem__ and __len__), "
                          f"got {type(made).__name__}")
     try:
@@ -158,7 +158,8 @@ def _bytes(items: Encoded) -> int:
 
 
 def _in_memory(items: Encoded, workers: int) -> Split:
-    loader = torch.utils.data.DataLoader(items, batch_size=256, num_workers=workers)
+    loader = torch.utils.data.DataLoader(items, batch_size=256, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))  # see Stream._load
     try:
         parts = list(loader)
     except RuntimeError as e:  # items that do not stack: shapes differ

@@ -157,7 +157,10 @@ class Stream:
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             self.items, batch_sampler=[self.index[p].tolist() for p in position_batches],
-            num_workers=self.workers if workers is None else workers, pin_memory=cuda)
+            num_workers=self.workers if workers is None else workers, pin_memory=cuda,
+            # its own generator: the loader draws its workers' seeds from it, never from the global one
+            # that dropout draws from, so reading in workers leaves the run's random numbers alone
+            generator=torch.Generator().manual_seed(0))
         batches = iter(loader)
         for positions in position_batches:
             try:
