@@ -13,6 +13,7 @@ _LAZY = {
     "stitch": "csnet.models.network",
     "CrossStitchUnit": "csnet.models.unit",
     "as_column": "csnet.models.backbones",
+    "fit": "csnet.api",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -33,6 +33,10 @@ def is_custom(name: str) -> bool:
     return ":" in name and not name.startswith(("csv:", "folder:"))
 
 
+# The data set name a run of csnet.fit records when it was given Datasets rather than a module.path:function.
+FIT_DATA = "csnet.fit"
+
+
 def trust_data(name: str) -> str:
     """The entry of a command's trusted code (``--backbone``, ``--dataset`` names) that allows importing the
     data set ``name``; ``=`` cannot occur in a module path, so it never names a backbone."""
@@ -81,7 +85,7 @@ class DataConfig:
                               ("--image-column", self.image_column)):
             if value is not None and not self.dataset.startswith("folder:"):
                 raise UsageError(f"{option} applies to --dataset folder:PATH")
-        streams = self.dataset.startswith("folder:") or is_custom(self.dataset)
+        streams = self.dataset.startswith("folder:") or is_custom(self.dataset) or self.dataset == FIT_DATA
         for option, value in (("--stream", self.stream), ("--workers", self.workers)):
             if value is not None and not streams:
                 raise UsageError(f"{option} applies to --dataset folder:PATH and your own module.path:function "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import replace
 
-from csnet.config import DataConfig, is_custom, trust_data
+from csnet.config import FIT_DATA, DataConfig, is_custom, trust_data
 from csnet.errors import UsageError
 from csnet.idx import (BODY_OF_FINE, COARSE_OF_FINE, DATASETS, FASHION, MISSING_LABEL, MNIST,
                        Source, load_idx, locate, read_idx)
@@ -59,6 +59,10 @@ def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int
                              f"that a run folder names. If you trust that code, name it on this command line: "
                              f"--dataset {name}")
         return python_spec(name, kinds or {}, options)
+    if name == FIT_DATA:
+        raise UsageError("this run was trained from Python (csnet.fit) on Datasets csnet cannot make again: name "
+                         "the function that makes them, --dataset module.path:function (or resume it with "
+                         "csnet.fit(..., resume=True))")
     if name in EXTRA:
         spec = importlib.import_module(EXTRA[name]).SPEC
     elif name in DATASETS:

@@ -30,18 +30,20 @@ def _config(command: str, device: torch.device, **sections) -> dict:
 
 def check_code(model_cfg: ModelConfig, code: tuple[str, ...], origin: Path | None) -> None:
     """A run folder is data: the network it describes is rebuilt only from csnet's own backbones,
-    unless the user names the run's ``module:function`` backbone on this command line (``code``).
-    Otherwise evaluating a downloaded run would import whatever module its folder holds."""
-    stray = [c for c in code if c != model_cfg.backbone and c != trust_data(c.partition("=")[2])]
+    unless the user names the run's ``module:function`` backbone (or, for a run of ``csnet.fit``, the
+    function building its network) on this command line (``code``). Otherwise evaluating a downloaded
+    run would import whatever module its folder holds."""
+    own = model_cfg.network if model_cfg.arch == "custom" else model_cfg.backbone
+    stray = [c for c in code if c != own and c != trust_data(c.partition("=")[2])]
     if stray and origin is not None:
-        raise UsageError(f"--backbone {stray[0]} does not match {origin}, whose network uses backbone "
-                         f"{model_cfg.backbone} (with a run, --backbone only names the run's own module:function, "
-                         "to allow importing it)")
-    if is_custom(model_cfg.backbone) and model_cfg.backbone not in code:
-        raise UsageError(f"{origin or 'this network'} was built with your own backbone {model_cfg.backbone}; csnet "
-                         "never imports code "
+        raise UsageError(f"--backbone {stray[0]} does not match {origin}, whose network uses "
+                         f"{'the network builder' if model_cfg.arch == 'custom' else 'backbone'} {own} (with a run, "
+                         "--backbone only names the run's own module:function, to allow importing it)")
+    if own is not None and is_custom(own) and own not in code:
+        raise UsageError(f"{origin or 'this network'} was built with your own "
+                         f"{'network' if model_cfg.arch == 'custom' else 'backbone'} {own}; csnet never imports code "
                          f"that a run folder names. If you trust that code, name it on this command line: "
-                         f"--backbone {model_cfg.backbone}")
+                         f"--backbone {own}")
 
 
 def _build(model_cfg: ModelConfig, code: tuple[str, ...] = (), origin: Path | None = None,
@@ -168,6 +170,16 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
         return device, net, data
 
     device, net, data = distributed.together(setup)  # one failing rank stops all, with one message
+    return run_network(command, net, model_cfg, data, data_cfg, train_cfg, out, device, console, quiet, force,
+                       source, weights)
+
+
+def run_network(command: str, net, model_cfg: ModelConfig, data: data_lib.Data, data_cfg: DataConfig,
+                train_cfg: TrainConfig, out: Path, device: torch.device, console: Console, quiet: bool,
+                force: bool = False, source: Path | None = None, weights: Path | None = None) -> Path:
+    """Create the run folder (config.json first), say what trains on what, and train: the part of every
+    training command after its setup, and all of ``csnet.fit``."""
+    main = distributed.world().is_main
     n_units = sum(p.numel() for p in net.unit_parameters())
     n_params = sum(p.numel() for p in net.parameters())
 
@@ -178,20 +190,20 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             command, device, data=asdict(data_cfg), model=model_cfg.to_dict(), train=asdict(train_cfg),
             source=str(Path(source).resolve()) if source else None, data_stats=_data_stats(data),
             weights={"path": str(weights), "sha256": runio.sha256(weights)} if weights else None,
-            model_stats=model_stats, processes=distributed.world().size, accel=net.accel,
+            model_stats=model_stats, processes=distributed.world().size, accel=getattr(net, "accel", None),
             tasks={name: task.describe() for name, task in model_cfg.task_list().items()},
         )
         return runio.create_run(out, config, force)
 
     run = distributed.together(create, main_only=True) or out
     kinds = model_cfg.task_list()
+    network = (f"your network ({model_cfg.network or type(net).__name__})" if model_cfg.arch == "custom" else
+               f"{model_cfg.backbone}, "
+               + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else
+                  f"{'' if model_cfg.arch == 'cross-stitch' else model_cfg.arch + ', '}stitch {model_cfg.stitch}"))
     console.print(f"{command}: {', '.join(f'{t} ({task.spec})' for t, task in kinds.items())} on {data_cfg.dataset} "
-                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), "
-                  f"{model_cfg.backbone}, "
-                  + (f"shared up to {model_cfg.share_until}" if model_cfg.arch == "shared" else
-                     f"{'' if model_cfg.arch == 'cross-stitch' else model_cfg.arch + ', '}stitch {model_cfg.stitch}")
-                  + f", {n_params:,} parameters "
-                  f"({n_units:,} in units), device {device}", highlight=False)
+                  f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test), {network}, "
+                  f"{n_params:,} parameters ({n_units:,} in units), device {device}", highlight=False)
     if data.note:
         console.print(f"data: {data.note}", highlight=False)
     return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet or not main, None)
@@ -567,6 +579,32 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
     where = f"epoch {position['epoch']}" + (f", step {position['step']}" if position["step"] else "")
     console.print(f"resuming {run} at {where} of {train_cfg.epochs}, device {dev}", highlight=False)
     return _fit(net, model_cfg, data, train_cfg, run, dev, console, quiet or not w.is_main, last)
+
+
+def resume_network(run: Path, net, data: data_lib.Data, console: Console, *, epochs: int | None = None,
+                   quiet: bool = False) -> Path:
+    """Continue ``run`` from its last.pt with a network and data the caller made (``csnet.fit(resume=True)``):
+    the same checks and loop as ``--resume``, without rebuilding either from the run's files."""
+    config = runio.read_config(runio.require_run(run))
+    train_cfg = _train_config(config, run)
+    if not (run / runio.LAST).is_file():
+        raise (_no_last(run, train_cfg) if _finished(run, train_cfg) else
+               UsageError(f"{run} has no {runio.LAST} to continue from"))
+    last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
+    train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs)
+    if last["position"]["epoch"] > train_cfg.epochs:
+        raise UsageError(f"{run} has finished its {last['position']['epoch'] - 1} epochs; pass epochs= (more than "
+                         f"{last['position']['epoch'] - 1}) to train further")
+    model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
+    _load_state(net, last["model"], run / runio.LAST)
+    device, _ = resolve_device(train_cfg.device)
+    config["train"] = asdict(train_cfg)
+    config.setdefault("resumed", []).append({"epoch": last["position"]["epoch"], "step": last["position"]["step"],
+                                             "processes": 1, "environment": runio.environment(device)})
+    runio.write_json(run / runio.CONFIG, config)
+    console.print(f"resuming {run} at epoch {last['position']['epoch']} of {train_cfg.epochs}, device {device}",
+                  highlight=False)
+    return _fit(net, model_cfg, data, train_cfg, run, device, console, quiet, last)
 
 
 def _resume_group(group: Path, console: Console, *, epochs: int | None, device: str | None, quiet: bool,

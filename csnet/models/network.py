@@ -86,6 +86,9 @@ class ModelConfig:
     batch_norm: bool = True
     dropout: float = 0.2
     hidden: tuple[int, ...] = (60, 20)
+    # arch "custom" (runs written by csnet.fit): module.path:function that builds the whole network; None
+    # where fit was not told, and then csnet cannot rebuild it
+    network: str | None = None
 
     def __post_init__(self):
         # JSON and checkpoints give lists back; keep tuples so configs compare and hash.
@@ -107,8 +110,13 @@ class ModelConfig:
             # the units hold float32: a larger value would start the run at inf
             raise UsageError(f"--alpha and --beta must be finite numbers within float32's range (|x| <= 3.4e38), "
                              f"got {self.alpha:g} and {self.beta:g}")
-        if self.arch not in ARCHS:
+        if self.arch not in ARCHS and self.arch != "custom":
             raise UsageError(f"unknown --arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.network is not None and self.arch != "custom":
+            raise UsageError("a whole network of your own (network=module.path:function) goes with arch custom, "
+                             "from csnet.fit")
+        if self.network is not None and not is_custom(self.network):
+            raise UsageError(f"network={self.network!r}: give your network's builder as module.path:function")
         if self.arch == "shared" and not self.share_until:
             raise UsageError("--arch shared needs --share-until STAGE (e.g. pool2 for the convnet)")
         if self.arch in ("shared", "independent") and self.stitch != "none":
@@ -128,7 +136,7 @@ class ModelConfig:
                              "all, or hidden layer names")
         if len(self.tasks) != len(self.num_classes) or len(set(self.tasks)) != len(self.tasks):
             raise UsageError(f"tasks {list(self.tasks)} must be distinct, one per column")
-        if self.stitch != "none" and len(self.tasks) < 2:
+        if self.stitch != "none" and len(self.tasks) < 2 and self.arch != "custom":
             raise UsageError("cross-stitch units need at least two tasks; use --stitch none for one task")
 
     def _check_tasks(self) -> None:
@@ -142,7 +150,7 @@ class ModelConfig:
             cls = tasks_lib.kind_of(spec) if isinstance(spec, str) else None
             if cls is None:
                 raise UsageError(f"task {task}: its kind should be a name, found {spec!r}")
-            if cls.dense and (self.backbone in ("convnet", "mlp") or self.in_features):
+            if cls.dense and self.arch != "custom" and (self.backbone in ("convnet", "mlp") or self.in_features):
                 raise UsageError(f"task {task} is per-pixel ({cls.kind}), and --backbone {self.backbone} has no "
                                  "spatial stages to decode it from: use --backbone fcn (or resnet18, vgg11)")
             if st is not None:
@@ -448,8 +456,57 @@ class SharedNet(nn.Module):
         return [p for p in list(self.trunk.values())[-1].parameters() if p.requires_grad]
 
 
+class Network(nn.Module):
+    """A network of your own whose forward returns {task: tensor}, as csnet's training loop takes it: without
+    units (a CrossStitchNet from ``stitch`` has its own and needs no wrapping)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.units = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x)
+
+    def unit_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """GradNorm's shared layer is unknown in a network csnet did not build: every trainable weight."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+
+def as_network(net: nn.Module) -> nn.Module:
+    """``net`` as the training loop takes it: csnet's networks as they are, any other module wrapped."""
+    return net if hasattr(net, "unit_parameters") and hasattr(net, "units") else Network(net)
+
+
+def _custom_network(cfg: ModelConfig) -> nn.Module:
+    from csnet.usercode import load_function
+
+    if cfg.network is None:
+        raise UsageError("this network was trained from Python (csnet.fit) without network='module.path:function' "
+                         "naming a function that builds it, so csnet cannot rebuild it; evaluate it in Python, or "
+                         "pass network= to csnet.fit")
+    try:
+        net = load_function(cfg.network, "--backbone")()
+    except UsageError:
+        raise
+    except Exception as e:  # the user's code
+        raise UsageError(f"--backbone {cfg.network}: {cfg.network.partition(':')[2]}() raised "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"--backbone {cfg.network}: the function must return the network (an nn.Module), "
+                         f"it returned {type(net).__name__}")
+    return as_network(net)
+
+
 def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchNet | SharedNet:
     tasks = cfg.task_list()
+    if cfg.arch == "custom":
+        net = _custom_network(cfg)
+        check_outputs(net, tasks, torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size))
+        return net
     columns = {name: build_column(cfg, task, weights) for name, task in tasks.items()}
     if cfg.arch == "shared":
         net = SharedNet(columns, cfg.share_until)
