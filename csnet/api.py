@@ -74,7 +74,7 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     image = data.train.example()[0]
     model_cfg = ModelConfig(tasks=tuple(specs), num_classes=tuple(s.size for s in specs.values()),
                             kinds=tuple(s.kind for s in specs.values()), arch="custom", network=network,
-                            stitch="none", in_channels=image.shape[1], image_size=image.shape[2])
+                            stitch="none", in_channels=image.shape[1], image_size=tuple(image.shape[2:]))
     if model_cfg.needs_stats():  # the statistics standardized kinds' losses are computed with
         model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
     stages.check_training(model_cfg, train_cfg, net)

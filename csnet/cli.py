@@ -24,7 +24,8 @@ from rich.table import Table
 # Only what --help and argument errors need: torch, torchvision, pandas and matplotlib are imported
 # by the command that uses them (tests/test_cli.py checks sys.modules after --help).
 from csnet import distributed, runio
-from csnet.config import BACKBONES, DATASETS, DataConfig, TrainConfig, defaults, is_custom, trust_data
+from csnet.config import (BACKBONES, DATASETS, DataConfig, TrainConfig, defaults, is_custom, parse_image_size,
+                          trust_data)
 from csnet.errors import CsnetError, UsageError
 from csnet.runio import default_out, run_path
 
@@ -61,8 +62,9 @@ Starve = Annotated[Optional[list[str]], typer.Option(
 LabelColumns = Annotated[Optional[str], typer.Option(
     help="For --dataset csv:PATH, every label column, comma-separated: none of them is read as a feature "
          "[default: the tasks].")]
-ImageSize = Annotated[Optional[int], typer.Option(
-    min=1, max=65_535, help="For --dataset folder:PATH, resize every image to S x S pixels [default: their own side, if all share it].")]
+ImageSize = Annotated[Optional[str], typer.Option(
+    metavar="S|H,W", help="For --dataset folder:PATH, resize every image to S x S pixels, or to H x W [default: "
+                          "their own size, if all share it].")]
 Labels = Annotated[Optional[str], typer.Option(
     help="For --dataset folder:PATH, the label table (image paths in it stay relative to PATH) [default: PATH/labels.csv].")]
 ImageColumn = Annotated[Optional[str], typer.Option(
@@ -322,6 +324,7 @@ def pretrain(
     stages = _start(device)
     from csnet.data import dataset_spec
 
+    image_size = parse_image_size(image_size)
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
     spec = dataset_spec(dataset, kinds, image_size, labels, image_column, options=_options(data_option))
@@ -420,6 +423,7 @@ def train(
                       device=device if _given(ctx, ["device"]) else None,
                       code=_code(backbone, "--resume") + _trusted(dataset))
         return
+    image_size = parse_image_size(image_size)
     seed_list = _seed_list(ctx, seeds)
     model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, subspaces=subspaces, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
@@ -627,6 +631,8 @@ def _run_options(config, sub: str, path: Path) -> dict:
             section == "model" and k in _DERIVED) and not (k in usual and _same(v, usual[k]))})
     if isinstance(options.get("starve"), dict):
         options["starve"] = [f"{t}={n}" for t, n in options["starve"].items()]
+    if isinstance(options.get("options"), dict):
+        options["data_option"] = [f"{k}={v}" for k, v in options.pop("options").items()]
     weights = config.get("weights")
     if isinstance(weights, dict) and isinstance(weights.get("path"), str):
         options["weights"] = weights["path"]

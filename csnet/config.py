@@ -33,6 +33,36 @@ def is_custom(name: str) -> bool:
     return ":" in name and not name.startswith(("csv:", "folder:"))
 
 
+def image_hw(size) -> tuple[int, int]:
+    """An image size as (height, width): ``S`` is S x S, ``(H, W)`` or ``[H, W]`` as given."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def as_image_size(size, option: str = "--image-size"):
+    """A size as settings keep it: ``S`` for a square (so square runs read as before), ``(H, W)`` otherwise;
+    each side a whole number from 1 to 65535."""
+    if size is None:
+        return None
+    ok = isinstance(size, int) and not isinstance(size, bool) or (
+        isinstance(size, (list, tuple)) and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size))
+    if not ok or not all(1 <= v <= 65_535 for v in image_hw(size)):
+        raise UsageError(f"{option} takes S or H,W, each from 1 to 65535 pixels, got {size!r}")
+    h, w = image_hw(size)
+    return h if h == w else (h, w)
+
+
+def parse_image_size(text: str | None):
+    """``--image-size 64`` -> 64; ``--image-size 48,64`` -> (48, 64)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"--image-size takes S or H,W (whole numbers of pixels), got {text!r}") from None
+    return as_image_size(parts[0] if len(parts) == 1 else tuple(parts))
+
+
 # The data set name a run of csnet.fit records when it was given Datasets rather than a module.path:function.
 FIT_DATA = "csnet.fit"
 
@@ -59,7 +89,8 @@ class DataConfig:
     starve: dict[str, int] | None = None
     test_csv: str | None = None
     label_columns: tuple[str, ...] | None = None  # csv: every label column, never a feature (default: the tasks)
-    image_size: int | None = None  # folder: images resized to S x S (default: their own side, if all share it)
+    # folder: images resized to S x S, or H x W given as (H, W) (default: their own size, if all share it)
+    image_size: int | tuple[int, int] | None = None
     labels: str | None = None  # folder: the label table (default: PATH/labels.csv)
     image_column: str | None = None  # folder: the table's column naming the images (default: image)
     stream: bool | None = None  # folder / your own Dataset: read items as needed (default: when the set is too big)
@@ -79,8 +110,7 @@ class DataConfig:
                 raise UsageError(f"--starve {task}={n}: the number of labels kept must be 0 or more")
         if self.dataset == "":
             raise UsageError("--dataset is empty")
-        if self.image_size is not None and not 1 <= self.image_size <= 65_535:
-            raise UsageError(f"--image-size must be from 1 to 65535 pixels, got {self.image_size}")
+        object.__setattr__(self, "image_size", as_image_size(self.image_size))
         for option, value in (("--image-size", self.image_size), ("--labels", self.labels),
                               ("--image-column", self.image_column)):
             if value is not None and not self.dataset.startswith("folder:"):

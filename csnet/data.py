@@ -38,8 +38,8 @@ def model_input(spec: DatasetSpec, tasks, label_columns=None) -> dict:
     """ModelConfig settings for the data's input: image channels and size, or features per table row."""
     if len(spec.input_shape) == 1:
         return {"in_features": spec.input_shape[0] - len(set(tasks) | set(label_columns or ()))}
-    channels, size, _ = spec.input_shape
-    return {"in_channels": channels, "image_size": size}
+    channels, h, w = spec.input_shape
+    return {"in_channels": channels, "image_size": h if h == w else (h, w)}
 
 
 def dataset_spec(name: str, kinds: dict[str, str] | None = None, image_size: int | None = None,

@@ -9,8 +9,8 @@ targets: a PNG of class indices (segmentation) or a 16-bit PNG or ``.npy`` array
 the splits; without it a seeded fifth of the rows is the test set and a tenth of the rest
 validation. An empty cell is a missing label.
 
-Images are decoded with torchvision's I/O (``decode_image``), resized to ``--image-size S``
-(square; default: the first image's side, when every image has it) with antialiased bilinear
+Images are decoded with torchvision's I/O (``decode_image``), resized to ``--image-size S`` (S x S)
+or ``H,W`` (default: their own size, when every image has it) with antialiased bilinear
 interpolation, targets with nearest-neighbour. Gray images are read as RGB when any image is RGB.
 Everything is held in memory as uint8 (targets in their kinds' encodings); inputs are z-scored per
 channel with the training split's statistics.
@@ -150,21 +150,21 @@ def _read_target(path: Path) -> torch.Tensor:
     return t[0].float()
 
 
-def _fit_image(r: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """A decoded image at the set's size and channel count: what both the in-memory and the streamed
-    paths hold, made by the same calls so they hold the same bytes."""
+def _fit_image(r: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """A decoded image at the set's (height, width) and channel count: what both the in-memory and the
+    streamed paths hold, made by the same calls so they hold the same bytes."""
     from torchvision.transforms.v2 import functional as TF
 
-    if tuple(r.shape[1:]) != (size, size):
-        r = TF.resize(r, [size, size], antialias=True)
+    if tuple(r.shape[1:]) != size:
+        r = TF.resize(r, list(size), antialias=True)
     return r.expand(channels, -1, -1)
 
 
-def _fit_target(t: torch.Tensor, size: int) -> torch.Tensor:
+def _fit_target(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 
-    return TF.resize(t[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] \
-        if tuple(t.shape) != (size, size) else t
+    return TF.resize(t[None], list(size), interpolation=TF.InterpolationMode.NEAREST)[0] \
+        if tuple(t.shape) != size else t
 
 
 def _encode_dense(y: torch.Tensor, task) -> torch.Tensor:
@@ -178,11 +178,11 @@ def _encode_dense(y: torch.Tensor, task) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Scan:
-    """What one read of the whole folder learns: the side and channels, per image its pixel sums, per target
-    column its class summary or the problem reading it, and, where the set fits in memory, the decoded
-    images (uint8 (N, C, S, S)) and target maps (float32 (N, S, S), NaN where a row names no file)."""
+    """What one read of the whole folder learns: the (height, width) and channels, per image its pixel sums,
+    per target column its class summary or the problem reading it, and, where the set fits in memory, the
+    decoded images (uint8 (N, C, H, W)) and target maps (float32 (N, H, W), NaN where a row names no file)."""
 
-    size: int
+    size: tuple[int, int]
     channels: int
     shapes: tuple
     sums: torch.Tensor  # (N, 2, C) float64: per image and channel, the sum of values and of squares
@@ -222,7 +222,7 @@ def _target_columns(lay: Layout, df: pd.DataFrame) -> list[str]:
 
 
 @lru_cache(maxsize=2)
-def _decoded(lay: Layout, table_version: tuple, size: int | None, keep: bool) -> _Scan:
+def _decoded(lay: Layout, table_version: tuple, size: tuple[int, int] | None, keep: bool) -> _Scan:
     """The folder read once, each image resized as soon as it is decoded; kept only when ``keep``."""
     root = lay.root
     df = _table(lay)
@@ -231,20 +231,20 @@ def _decoded(lay: Layout, table_version: tuple, size: int | None, keep: bool) ->
     for path in paths:
         r = _read_image(path)
         shapes.append(tuple(r.shape[1:]))
-        if size is None and (shapes[-1] != shapes[0] or shapes[0][0] != shapes[0][1]):
-            raise UsageError(f"{root}: the images are not all square of one size (found {shapes[0]} and "
-                             f"{shapes[-1]}); give --image-size S to resize them to S x S")
-        r = _fit_image(r, size or shapes[0][0], r.shape[0])
+        if size is None and shapes[-1] != shapes[0]:
+            raise UsageError(f"{root}: the images are not all of one size (found {shapes[0]} and {shapes[-1]}); "
+                             "give --image-size S (or H,W) to resize them to S x S (or H x W)")
+        r = _fit_image(r, size or shapes[0], r.shape[0])
         colour = colour or r.shape[0] == 3
         c = r.double()  # exact sums of whole numbers: the same statistics however the images are read later
         sums.append(torch.stack([c.sum((1, 2)), c.square().sum((1, 2))]).expand(2, 3))  # gray: one value thrice
         if keep:
             kept.append(r)
-    size = size or shapes[0][0]
+    size = size or shapes[0]
     channels = 3 if colour else 1
     images = None
     if keep:
-        images = torch.empty(len(kept), channels, size, size, dtype=torch.uint8)
+        images = torch.empty(len(kept), channels, *size, dtype=torch.uint8)
         for i, r in enumerate(kept):
             images[i] = r.expand(channels, -1, -1)  # gray to RGB where another image is in colour
         del kept
@@ -257,9 +257,9 @@ def _decoded(lay: Layout, table_version: tuple, size: int | None, keep: bool) ->
     return _Scan(size, channels, tuple(shapes), torch.stack(sums)[:, :, :channels], columns, images, targets)
 
 
-def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size: int, keep: bool):
+def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size: tuple[int, int], keep: bool):
     """(class summary, stacked maps or None) of one column of target files, every file checked."""
-    out = torch.full((len(df), size, size), float("nan")) if keep else None
+    out = torch.full((len(df), *size), float("nan")) if keep else None
     bad, top = False, -1
     for i, name in enumerate(df[column]):
         if not isinstance(name, str):
@@ -276,16 +276,19 @@ def _targets_of(lay: Layout, df: pd.DataFrame, column: str, paths, shapes, size:
     return _classes_of(column, bad, top), out
 
 
-def _estimate(lay: Layout, df: pd.DataFrame, size: int | None) -> int:
+def _estimate(lay: Layout, df: pd.DataFrame, size: tuple[int, int] | None) -> int:
     """Bytes the folder takes in memory at its size: three channels per pixel (colour unless every image
     is gray, which only the whole read tells) and four per pixel of each target column."""
-    first = _read_image(_inside(lay, str(df[lay.image].iloc[0]), 0, lay.image))
-    side = size or first.shape[1]
-    return len(df) * side * side * (3 + 4 * len(_target_columns(lay, df)))
+    h, w = size or _read_image(_inside(lay, str(df[lay.image].iloc[0]), 0, lay.image)).shape[1:]
+    return len(df) * h * w * (3 + 4 * len(_target_columns(lay, df)))
 
 
-def _load(lay: Layout, size: int | None, keep: bool | None = None):
-    """(table, scan); ``keep``: hold the images (None: when they fit in memory)."""
+def _load(lay: Layout, size, keep: bool | None = None):
+    """(table, scan) at ``size`` (S, (H, W) or None: the images' own); ``keep``: hold the images (None: when
+    they fit in memory)."""
+    from csnet.config import image_hw
+
+    size = image_hw(size) if size is not None else None
     stat = lay.table.stat()
     lay = Layout(lay.root.resolve(), lay.table.resolve(), lay.image)
     df = _table(lay)
@@ -324,7 +327,7 @@ def spec(name: str, kinds: dict[str, str], image_size: int | None = None, labels
                 tasks[column] = TaskSpec(kind, 1)
         else:
             tasks[column] = infer_kind(df[column], given, str(lay.table))
-    return DatasetSpec(name, (), tasks, (), (scan.channels, scan.size, scan.size), loader=load_folder,
+    return DatasetSpec(name, (), tasks, (), (scan.channels, *scan.size), loader=load_folder,
                        backbone="fcn" if any(split_kind(t.kind)[0].dense for t in tasks.values()) else "convnet")
 
 
@@ -335,7 +338,7 @@ class Items(torch.utils.data.Dataset):
 
     lay: Layout
     images: list[Path]
-    size: int
+    size: tuple[int, int]
     channels: int
     scalar: dict[str, torch.Tensor]  # task -> every row's target, from the table
     dense: dict[str, list]  # task -> every row's target file (None: unlabelled)
@@ -347,7 +350,7 @@ class Items(torch.utils.data.Dataset):
     def _dense(self, task: str, i: int) -> torch.Tensor:
         name = self.dense[task][i]
         t = _fit_target(_read_target(self.lay.root / name), self.size) if name is not None else \
-            torch.full((self.size, self.size), float("nan"))
+            torch.full(self.size, float("nan"))
         return _encode_dense(t, self.tasks[task])
 
     def __getitem__(self, i: int):
@@ -405,14 +408,15 @@ def load_folder(cfg, spec, tasks):
     scalar = {t: encode_targets(df, t, task, classes, table) for t, task in tasks.items() if t not in scan.columns}
     rows = _parts(df, cfg, table)
     streaming = scan.images is None
-    size_mb = len(df) * scan.channels * scan.size ** 2 / 1e6
+    h, w = scan.size
+    size_mb = len(df) * scan.channels * h * w / 1e6
     if streaming:
         workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
         dense = {t: [v if isinstance(v, str) else None for v in df[t]] for t in tasks if t in scan.columns}
         items = Items(lay, [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])], scan.size,
                       scan.channels, scalar, dense, tasks)
         train, val, test = (Stream(items, r, tasks, workers) for r in rows)
-        note = (f"{len(df):,} images ({size_mb:,.0f} MB at {scan.size}x{scan.size}) read from disk as they are "
+        note = (f"{len(df):,} images ({size_mb:,.0f} MB at {h}x{w}) read from disk as they are "
                 f"needed, by {workers} worker process(es)" + ("" if cfg.stream else
                                                               f": more than the {memory_limit() / 1e9:.1f} GB "
                                                               "kept in memory (--no-stream holds them anyway)"))
@@ -421,12 +425,12 @@ def load_folder(cfg, spec, tasks):
                                if t in scan.columns}}
         everything = Split(scan.images, labels)
         train, val, test = (everything.subset(r) for r in rows)
-        note = f"{len(df):,} images held in memory ({size_mb:,.1f} MB at {scan.size}x{scan.size})"
+        note = f"{len(df):,} images held in memory ({size_mb:,.1f} MB at {h}x{w})"
     for t, task in tasks.items():
         if not bool(task.labelled(train.targets(t)).any()):
             raise CsnetError(f"{table}: no training image has a {t} target (the column is empty)")
     if cfg.starve:
         train = starve(train, cfg.starve, cfg.split_seed, tasks)
     sums = scan.sums[rows[0]].sum(0)
-    mean, std = channel_stats(sums[0], sums[1], len(rows[0]) * scan.size ** 2)
+    mean, std = channel_stats(sums[0], sums[1], len(rows[0]) * h * w)
     return Data(train=train, val=val, test=test, mean=mean, std=std, files={"labels": Path(table)}, note=note)

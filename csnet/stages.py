@@ -132,12 +132,9 @@ def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
             raise UsageError(f"the network expects {model_cfg.in_features} features per row, "
                              f"the table has {x.shape[1]}")
         return
-    _, channels, size, _ = x.shape
-    if (channels, size) != (model_cfg.in_channels, model_cfg.image_size):
-        raise UsageError(
-            f"the network expects {model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size} images, "
-            f"the data set has {channels}x{size}x{size}"
-        )
+    if tuple(x.shape[1:]) != model_cfg.input_shape():
+        raise UsageError(f"the network expects {'x'.join(map(str, model_cfg.input_shape()))} images, "
+                         f"the data set has {'x'.join(map(str, x.shape[1:]))}")
 
 
 def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data_cfg: DataConfig,

@@ -138,7 +138,26 @@ def test_a_label_table_elsewhere_and_another_image_column(cli, folder, tmp_path)
 
 def test_images_of_two_sizes_need_an_image_size(cli, folder, tmp_path):
     code, _, err = cli("train", "--dataset", f"folder:{folder}", "--tasks", "colour", "--quiet", "--out", tmp_path / "r")
-    assert code == 2 and "the images are not all square of one size" in err and "--image-size S" in err
+    assert code == 2 and "the images are not all of one size" in err and "--image-size S (or H,W)" in err
+    code, _, err = cli("train", "--dataset", f"folder:{folder}", "--image-size", "16,0", "--out", tmp_path / "r")
+    assert code == 2 and "--image-size takes S or H,W, each from 1 to 65535 pixels" in err
+
+
+@pytest.mark.parametrize("backbone", ["fcn", "convnet"])
+def test_images_resized_to_a_rectangle_train_evaluate_and_continue(cli, folder, tmp_path, backbone):
+    tasks = "colour,brightness,item" if backbone == "fcn" else "colour,brightness"
+    args = ["--dataset", f"folder:{folder}", "--tasks", tasks, "--image-size", "12,20", "--backbone", backbone]
+    code, out, err = cli("train", *args, *COMMON[2:], "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "at 12x20" in out
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data"]["image_size"] == [12, 20] and config["model"]["image_size"] == [12, 20]
+    code, _, err = cli("eval", tmp_path / "r")
+    assert code == 0, err
+    code, _, err = cli("train", "--from", tmp_path / "r", "--quiet", "--out", tmp_path / "again")  # takes 12x20
+    assert code == 0, err
+    code, _, err = cli("train", "--from", tmp_path / "r", "--image-size", "20,12", "--quiet", "--out", tmp_path / "x")
+    assert code == 2 and "the network expects 3x12x20 images, the data set has 3x20x12" in err
 
 
 def test_what_a_review_found_is_refused_with_a_hint_or_handled(cli, tmp_path):

@@ -155,7 +155,7 @@ def as_column(module: nn.Module, points: list[str] | None = None) -> Column:
     return column
 
 
-def torchvision_column(name: str, num_classes: int, in_channels: int, image_size: int,
+def torchvision_column(name: str, num_classes: int, in_channels: int, image_size: int | tuple[int, int],
                        weights: Path | None = None) -> Column:
     """A torchvision network as a column; one-channel images repeat their channel to three.
     VGG's five pools need at least 32 pixels, so smaller images (Fashion-MNIST's 28) are
@@ -166,9 +166,10 @@ def torchvision_column(name: str, num_classes: int, in_channels: int, image_size
     adapters = []
     if in_channels == 1:
         adapters.append(RepeatChannels(3))
-    if name.startswith("vgg") and image_size < 32:
-        pad = 32 - image_size
-        adapters.append(nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if name.startswith("vgg") and min(h, w) < 32:
+        ph, pw = max(0, 32 - h), max(0, 32 - w)
+        adapters.append(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
     adapter = nn.Sequential(*adapters) if adapters else None
     return resnet_column(model, adapter) if name.startswith("resnet") else vgg_column(model, adapter)
 
@@ -195,11 +196,12 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
-def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int) -> Column:
+def custom_column(spec: str, num_classes: int, in_channels: int, image_size: int | tuple[int, int]) -> Column:
     """``package.module:function`` returning (nn.Module, [stitch point names]).
 
     The function is called with ``num_classes`` and, if it accepts them, ``in_channels``
-    and ``image_size``. The current folder is importable, like ``python -m``. Only call this
+    and ``image_size`` (an int S for S x S images, a tuple (H, W) otherwise). The current folder is
+    importable, like ``python -m``. Only call this
     for a spec the user named on the command line (or in Python): it imports and runs code.
     """
     factory = load_function(spec, "--backbone")

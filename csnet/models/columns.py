@@ -142,7 +142,7 @@ def convnet(
     num_classes: int,
     *,
     in_channels: int = 1,
-    image_size: int = 28,
+    image_size: int | tuple[int, int] = 28,
     batch_norm: bool = True,
     dropout: float = 0.2,
     widths: tuple[int, int] = (32, 64),
@@ -150,12 +150,12 @@ def convnet(
 ) -> Column:
     """Stages ``pool1``, ``pool2`` and ``fc``: the three places the reproduction stitches."""
 
-    side = image_size // 4
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     column = Column(
         stages={
             "pool1": _conv_block(in_channels, widths[0], batch_norm),
             "pool2": _conv_block(widths[0], widths[1], batch_norm),
-            "fc": nn.Sequential(nn.Flatten(), nn.Linear(widths[1] * side * side, fc_width), nn.ReLU(inplace=True)),
+            "fc": nn.Sequential(nn.Flatten(), nn.Linear(widths[1] * (h // 4) * (w // 4), fc_width), nn.ReLU(inplace=True)),
         },
         head=nn.Sequential(Dropout(dropout), nn.Linear(fc_width, num_classes)),
         channels={"pool1": widths[0], "pool2": widths[1], "fc": fc_width},
@@ -168,7 +168,7 @@ def fcn(
     num_classes: int,
     *,
     in_channels: int = 1,
-    image_size: int = 64,
+    image_size: int | tuple[int, int] = 64,
     batch_norm: bool = True,
     dropout: float = 0.2,
     widths: tuple[int, int, int] = (32, 64, 128),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from csnet import tasks as tasks_lib
-from csnet.config import BACKBONES, is_custom
+from csnet.config import BACKBONES, as_image_size, image_hw, is_custom
 from csnet.errors import UsageError
 from csnet.settings import from_dict
 from csnet.models import columns as columns_lib
@@ -81,7 +81,7 @@ class ModelConfig:
     alpha: float = 0.9
     beta: float = 0.1
     in_channels: int = 1
-    image_size: int = 28
+    image_size: int | tuple[int, int] = 28  # S for S x S inputs, (H, W) otherwise
     in_features: int | None = None  # tables: features per row (mlp only); images use channels x size^2
     batch_norm: bool = True
     dropout: float = 0.2
@@ -94,6 +94,7 @@ class ModelConfig:
         # JSON and checkpoints give lists back; keep tuples so configs compare and hash.
         for name in ("tasks", "num_classes", "hidden", "kinds", "target_stats"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "image_size", as_image_size(self.image_size, "image size"))
         self._check_tasks()
         if self.backbone not in BACKBONES and not is_custom(self.backbone):
             raise UsageError(f"unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}, "
@@ -102,7 +103,7 @@ class ModelConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.hidden or min(self.hidden) < 1:
             raise UsageError(f"--hidden sizes must be positive, got {','.join(map(str, self.hidden))}")
-        if not all(1 <= n <= MAX_SIZE for n in (*self.num_classes, self.in_channels, self.image_size,
+        if not all(1 <= n <= MAX_SIZE for n in (*self.num_classes, self.in_channels, *self.hw,
                                                  self.in_features or 1, *self.hidden)):
             raise UsageError(f"layer sizes must be whole numbers from 1 to {MAX_SIZE:,} (--hidden "
                              f"{','.join(map(str, self.hidden))}, classes {list(self.num_classes)})")
@@ -166,6 +167,15 @@ class ModelConfig:
         if self.target_stats:
             object.__setattr__(self, "target_stats", tuple(stats))
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The input images' (height, width)."""
+        return image_hw(self.image_size)
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: (features,) for tables, (channels, height, width) for images."""
+        return (self.in_features,) if self.in_features else (self.in_channels, *self.hw)
+
     def task_list(self) -> dict[str, tasks_lib.Task]:
         """The tasks as objects that carry their loss and metrics."""
         n = len(self.tasks)
@@ -227,7 +237,7 @@ def build_column(cfg: ModelConfig, task: tasks_lib.Task, weights: Path | None = 
         column = as_column(build(n, in_channels=cfg.in_channels, image_size=cfg.image_size,
                                  batch_norm=cfg.batch_norm, dropout=cfg.dropout))
     elif cfg.backbone == "mlp":
-        column = as_column(columns_lib.mlp(n, in_features=cfg.in_features or cfg.in_channels * cfg.image_size ** 2,
+        column = as_column(columns_lib.mlp(n, in_features=cfg.in_features or cfg.in_channels * cfg.hw[0] * cfg.hw[1],
                                            hidden=cfg.hidden, dropout=cfg.dropout))
     elif cfg.backbone in TORCHVISION:
         column = torchvision_column(cfg.backbone, n, cfg.in_channels, cfg.image_size, weights)
@@ -505,7 +515,7 @@ def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchN
     tasks = cfg.task_list()
     if cfg.arch == "custom":
         net = _custom_network(cfg)
-        check_outputs(net, tasks, torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size))
+        check_outputs(net, tasks, torch.zeros(2, *cfg.input_shape()))
         return net
     columns = {name: build_column(cfg, task, weights) for name, task in tasks.items()}
     if cfg.arch == "shared":
@@ -513,8 +523,7 @@ def build_network(cfg: ModelConfig, weights: Path | None = None) -> CrossStitchN
     else:
         net = CrossStitchNet(columns, cfg.points(next(iter(columns.values()))), cfg.alpha, cfg.beta, cfg.unit_mode,
                              cfg.unit_init, cfg.arch if cfg.arch in MIXERS else "cross-stitch", cfg.subspaces)
-    shape = (cfg.in_features,) if cfg.in_features else (cfg.in_channels, cfg.image_size, cfg.image_size)
-    example = torch.zeros(2, *shape)
+    example = torch.zeros(2, *cfg.input_shape())
     if cfg.arch != "shared":
         net.materialize(example)
     if any(t.dense for t in tasks.values()) or is_custom(cfg.backbone):
