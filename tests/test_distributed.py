@@ -102,3 +102,18 @@ def test_bad_input_under_torchrun_is_one_line_and_keeps_the_run(root, reference)
     done = torchrun("eval", run)
     assert errors(done.stderr) == ["error: csnet eval runs in one process; start it without torchrun "
                                    "(only train and pretrain run under torchrun)"]
+
+
+@pytest.mark.filterwarnings("ignore:.*image decoding and encoding capabilities of TorchVision")
+def test_a_folder_of_images_trains_under_torchrun_streamed_or_in_memory(tmp_path):
+    from test_folder import make_folder
+
+    folder = make_folder(tmp_path / "data", n=80)
+    args = ["train", "--dataset", f"folder:{folder}", "--tasks", "colour,brightness,item", "--image-size", "16",
+            "--batch-size", "16", "--device", "cpu", "--epochs", "2", "--quiet"]
+    memory = torchrun(*args, "--no-stream", "--out", tmp_path / "memory")
+    assert memory.returncode == 0, memory.stderr
+    streamed = torchrun(*args, "--stream", "--workers", "1", "--out", tmp_path / "streamed")
+    assert streamed.returncode == 0, streamed.stderr
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["processes"] == 2
+    pd.testing.assert_frame_equal(values(tmp_path / "streamed"), values(tmp_path / "memory"))
