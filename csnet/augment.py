@@ -4,7 +4,7 @@ The draws are per sample, from a generator seeded by (seed, epoch, step, process
 draws exactly what the uninterrupted one did, whatever the order of interruptions. Per-pixel targets
 (class maps, depth maps) move with their images: flipped alike, cropped at the same offsets, and the
 border a crop brings in is unlabelled there (255 for a class, NaN for a depth) while the image is
-padded with zeros, the mean after z-scoring. Evaluation never augments. The flips and crops are
+padded with the inputs' mean, 0 after z-scoring. Evaluation never augments. The flips and crops are
 torchvision's (``transforms.v2.functional``), applied to the samples each draw picked.
 """
 
@@ -37,8 +37,10 @@ def generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generato
 
 
 def augment(images: torch.Tensor, labels: dict[str, torch.Tensor], dense: set[str], names: tuple[str, ...],
-            g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``images`` (B, C, H, W) z-scored floats; ``labels`` {task: targets}, the tasks in ``dense`` (B, H, W)."""
+            g: torch.Generator, fill=0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``images`` (B, C, H, W) floats; ``labels`` {task: targets}, the tasks in ``dense`` (B, H, W); ``fill``
+    the value a crop's border takes: the inputs' mean (a number, or a tensor of one per channel), which
+    z-scoring makes 0."""
     labels = dict(labels)
     if "flip" in names:
         picked = (torch.rand(images.shape[0], generator=g) < 0.5).to(images.device)
@@ -50,7 +52,9 @@ def augment(images: torch.Tensor, labels: dict[str, torch.Tensor], dense: set[st
         pad = max(1, min(h, w) // 8)  # 4 pixels of a 32-pixel image, as the usual CIFAR recipe
         dy = torch.randint(0, 2 * pad + 1, (images.shape[0],), generator=g).tolist()
         dx = torch.randint(0, 2 * pad + 1, (images.shape[0],), generator=g).tolist()
-        padded = TF.pad(images, [pad], fill=0.0)
+        mean = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1, 1, 1)
+        padded = mean.expand(images.shape[0], images.shape[1], h + 2 * pad, w + 2 * pad).clone()
+        padded[..., pad:pad + h, pad:pad + w] = images  # the mean where there was no pixel
         images = torch.stack([TF.crop(padded[i], dy[i], dx[i], h, w) for i in range(images.shape[0])])
         for t in dense:
             y = labels[t]

@@ -91,6 +91,7 @@ def _time_csnet(net, images, labels_by_task, batch: int, warmup: int = 3) -> flo
     forward = make_forward(net, cfg, torch.device("cpu"))
     opt = make_optimizer(net, cfg)
     mean, std = images.float().mean().item(), images.float().std().item()
+    net.input_norm.set(mean, std)
 
     def data(n):
         split = data_lib.Split(images[:n], {t: y[:n] for t, y in labels_by_task.items()})

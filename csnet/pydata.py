@@ -52,12 +52,15 @@ def task_specs(tasks, where: str) -> dict[str, TaskSpec]:
     return specs
 
 
-@lru_cache(maxsize=8)
 def _made(name: str, options: tuple, split: str):
-    """The Dataset ``name`` returns for ``split`` (made once per process)."""
+    """The Dataset ``name`` returns for ``split``; made once per process and function (``_making``)."""
     from csnet.usercode import load_function
 
-    function = load_function(name, "--dataset")
+    return _making(load_function(name, "--dataset"), name, options, split)
+
+
+@lru_cache(maxsize=8)
+def _making(function, name: str, options: tuple, split: str):
     try:
         made = function(split, **dict(options))
     except Exception as e:  # the user's code: whatever it raises is one line, not a traceback

@@ -184,7 +184,8 @@ class Stream:
 
 @dataclass
 class Data:
-    """Train / validation / test splits plus the training-set statistics used to z-score every batch."""
+    """Train / validation / test splits plus the training-set statistics the network z-scores its inputs with
+    (``InputNorm``, set from ``mean`` and ``std`` when a run starts)."""
 
     train: Split | Stream
     val: Split | Stream
@@ -269,9 +270,10 @@ def pixel_sums(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, squares
 
 
-def batches(split: Split | Stream, batch_size: int, *, mean, std, generator: torch.Generator | None = None,
+def batches(split: Split | Stream, batch_size: int, *, generator: torch.Generator | None = None,
             start: int = 0, shard: tuple[int, int] = (0, 1)):
-    """Yield (z-scored float images, {task: labels}) batches; shuffled when a generator is given.
+    """Yield (float images, {task: labels}) batches; shuffled when a generator is given. The network
+    z-scores its inputs itself (``InputNorm``).
 
     ``start`` skips that many samples of the (shuffled) order, after drawing the whole
     order, so a resumed epoch sees exactly the batches the interrupted one had left.
@@ -293,7 +295,7 @@ def batches(split: Split | Stream, batch_size: int, *, mean, std, generator: tor
     count = n if order is None else len(order)
     plan = [(first, min(batch_size, count - first)) for first in range(start, count, batch_size)]
     for images, labels in split._batches(order, plan):
-        yield (images.float() - mean) / std, labels
+        yield images.float(), labels
 
 
 def shard_size(n: int, size: int) -> int:

@@ -92,6 +92,37 @@ def _check_norm(norm, path: Path, model_cfg: ModelConfig):
     return norm
 
 
+def _with_norm(state: dict, norm) -> dict:
+    """A state dict with the network's input statistics: checkpoints written before they travelled inside the
+    network (``InputNorm``) kept them beside the weights, as 'norm'."""
+    if norm is None or "input_norm.mean" in state:
+        return state
+    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
+    return {**state, "input_norm.mean": as_tensor(norm["mean"]), "input_norm.std": as_tensor(norm["std"])}
+
+
+def _check_input_norm(state: dict, path: Path, model_cfg: ModelConfig) -> None:
+    """The input statistics in a state dict, if any: finite means, positive stds, of a shape that broadcasts
+    over the network's inputs."""
+    mean, std = state.get("input_norm.mean"), state.get("input_norm.std")
+    if mean is None and std is None:
+        return
+    shapes = {(), (model_cfg.in_features,)} if model_cfg.in_features else {(), (1, 1, 1), (model_cfg.in_channels, 1, 1)}
+    if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.is_floating_point()
+            and std.is_floating_point() and tuple(mean.shape) in shapes and tuple(std.shape) in shapes
+            and bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+        raise CsnetError(f"{path}: its input statistics (input_norm) should be a finite mean and a positive std, "
+                         "one per channel or feature")
+
+
+def _last_state(last: dict, path: Path) -> dict:
+    """last.pt's weights with their input statistics, checked (see ``_with_norm``)."""
+    model_cfg = ModelConfig.from_dict(last["model_config"], str(path))
+    state = _with_norm(last["model"], _check_norm(last.get("norm"), path, model_cfg))
+    _check_input_norm(state, path, model_cfg)
+    return state
+
+
 def _load_model(run: Path):
     """The network config, weights and input statistics stored in a run's model.pt, each checked."""
     path = runio.require_run(run) / runio.MODEL
@@ -101,7 +132,10 @@ def _load_model(run: Path):
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise CsnetError(f"{path}: 'model' is not a set of named tensors")
-    return model_cfg, state, _check_norm(ckpt.get("norm"), path, model_cfg)
+    norm = _check_norm(ckpt.get("norm"), path, model_cfg)
+    state = _with_norm(state, norm)
+    _check_input_norm(state, path, model_cfg)
+    return model_cfg, state, norm
 
 
 def run_data_config(run: Path) -> DataConfig:
@@ -164,6 +198,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
             net = _build(model_cfg, code, source, weights)
             if state is not None:
                 _load_state(net, state, source / runio.MODEL)
+        net.input_norm.set(data.mean, data.std)  # this data's statistics, also after --from another run
         return device, net, data
 
     device, net, data = distributed.together(setup)  # one failing rank stops all, with one message
@@ -264,7 +299,7 @@ def _complete(run: Path, last: dict, code: tuple[str, ...], console: Console) ->
 
     model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
     net = _build(model_cfg, code, run, fast=False)
-    _load_state(net, last["model"], run / runio.LAST)
+    _load_state(net, _last_state(last, run / runio.LAST), run / runio.LAST)
     if net.units and not (run / runio.ALPHA_FINAL).is_file():
         write_final_alpha(net, run / runio.ALPHA_FINAL)
     _outputs(run)
@@ -561,7 +596,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
                              model_cfg.task_list(), code)
         _check_geometry(model_cfg, data)
         net = _build(model_cfg, code, run)
-        _load_state(net, last["model"], run / runio.LAST)
+        _load_state(net, _last_state(last, run / runio.LAST), run / runio.LAST)
         return last, position, model_cfg, dev, data, net
 
     last, position, model_cfg, dev, data, net = distributed.together(setup)
@@ -593,7 +628,7 @@ def resume_network(run: Path, net, data: data_lib.Data, console: Console, *, epo
         raise UsageError(f"{run} has finished its {last['position']['epoch'] - 1} epochs; pass epochs= (more than "
                          f"{last['position']['epoch'] - 1}) to train further")
     model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
-    _load_state(net, last["model"], run / runio.LAST)
+    _load_state(net, _last_state(last, run / runio.LAST), run / runio.LAST)
     device, _ = resolve_device(train_cfg.device)
     config["train"] = asdict(train_cfg)
     config.setdefault("resumed", []).append({"epoch": last["position"]["epoch"], "step": last["position"]["step"],
@@ -686,9 +721,12 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
     run = runio.create_run(out, _config("stitch", torch.device("cpu"), data=data_cfgs[0] if same_data else None,
                                         model=model_cfg.to_dict(), sources=[str(s) for s in sources]), force)
     # one input normalisation for all columns; columns from different data sets get the statistics
-    # of whatever data set the network is later trained or evaluated on
+    # of whatever data set the network is later trained or evaluated on (the identity until then)
+    first = loaded[0][1]
+    if same_data and "input_norm.mean" in first:
+        net.input_norm.set(first["input_norm.mean"], first["input_norm.std"])
     runio.save_checkpoint(run / runio.MODEL, {"model_config": model_cfg.to_dict(), "model": net.state_dict(),
-                                              "epoch": 0, "norm": loaded[0][2] if same_data else None})
+                                              "epoch": 0})
     return run
 
 
@@ -710,7 +748,8 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     """
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
-    model_cfg, state, norm = _load_model(run)
+    model_cfg, state, _ = _load_model(run)
+    norm_from_data = False
     own = run_data_config(run) if runio.section(runio.read_config(run), "data", run, optional=True) else None
     if dataset is not None and (own is None or dataset != own.dataset):
         # another data set, with the split settings the run (or its first source) used, and its own statistics
@@ -724,7 +763,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
                            stream=None, workers=None, options=None)
         if dataset.startswith("folder:"):  # the network takes images of the size it was built for
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)
-        norm = None
+        norm_from_data = True
     else:
         data_cfg = run_data_config(run)
     if data_root:
@@ -737,10 +776,10 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     _check_geometry(model_cfg, data)
     net = _build(model_cfg, code, run)
     _load_state(net, state, run / runio.MODEL)
+    if norm_from_data or "input_norm.mean" not in state:  # another data set, or a stitch across data sets
+        net.input_norm.set(data.mean, data.std)
     net.to(device)
-    norm = norm or {"mean": data.mean, "std": data.std}
-    mean, std = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (norm["mean"], norm["std"]))
-    metrics = evaluate(net, data.split(split).to(device), tasks, mean=mean, std=std)
+    metrics = evaluate(net, data.split(split).to(device), tasks)
     try:
         _write_eval_csv(run / "eval.csv", split, metrics)
     except CsnetError as e:

@@ -219,7 +219,7 @@ def eval_batch_size(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def evaluate(net: CrossStitchNet, split: Split | Stream, tasks: dict[str, Task], *, mean: float, std: float,
+def evaluate(net: CrossStitchNet, split: Split | Stream, tasks: dict[str, Task], *,
              batch_size: int | None = None, forward=None):
     """Per-task loss and metrics on a split, plus the mean loss and score over tasks (task ``mean``)."""
     net.eval()
@@ -230,7 +230,7 @@ def evaluate(net: CrossStitchNet, split: Split | Stream, tasks: dict[str, Task],
     w = distributed.world()
     if w.active:  # every rank evaluates every size-th sample; no sample is left out or counted twice
         split = split.shard(w.rank, w.size)
-    for x, labels in batches(split, batch_size, mean=mean, std=std):
+    for x, labels in batches(split, batch_size):
         for task, out in forward(x).items():
             tally.add(task, *tasks[task].terms(out, labels[task]))
     return tally.reduce().result()
@@ -252,11 +252,12 @@ def train_epoch(net, data: Data, tasks: dict[str, Task], opt, cfg: TrainConfig, 
     step = start_step
     w = distributed.world()
     augments, dense = augment.parse(cfg.augment), {t for t, task in tasks.items() if task.dense}
-    for x, labels in batches(data.train, cfg.batch_size, mean=data.mean, std=data.std, generator=gen,
+    for x, labels in batches(data.train, cfg.batch_size, generator=gen,
                              start=start_step * cfg.batch_size, shard=(w.rank, w.size)):
         step += 1
         if augments:
-            x, labels = augment.augment(x, labels, dense, augments, augment.generator(cfg.seed, epoch, step, w.rank))
+            x, labels = augment.augment(x, labels, dense, augments, augment.generator(cfg.seed, epoch, step, w.rank),
+                                        fill=net.input_norm.mean)
         if weighting.per_task_gradients and w.active:
             distributed.broadcast_buffers(net)  # what DDP's forward does: every rank runs rank 0's statistics
         losses, present = {}, {}
@@ -432,11 +433,10 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
             tally.sums = {t: v.to(device) for t, v in resume["tally"].items()}
     elif w.rank:
         torch.manual_seed((cfg.seed + 1_000_003 * w.rank) % MAX_SEED)  # dropout masks differ between ranks
-    norm = {"mean": data.mean, "std": data.std}
-
     def network() -> dict:
-        """What rebuilds and runs the network: the part model.pt and last.pt share."""
-        return {"model_config": model_cfg.to_dict(), "model": net.state_dict(), "norm": norm}
+        """What rebuilds and runs the network (its input statistics included): the part model.pt and last.pt
+        share."""
+        return {"model_config": model_cfg.to_dict(), "model": net.state_dict()}
 
     def checkpoint(position: dict, shuffle_state: torch.Tensor, partial: _Tally | None) -> None:
         rngs = distributed.gather(capture_rng(gen, shuffle_state))  # every rank's dropout stream
@@ -489,8 +489,8 @@ def fit(net: CrossStitchNet, model_cfg: ModelConfig, data: Data, cfg: TrainConfi
                 done = (per_rank - min(per_rank, resumed_at * cfg.batch_size)) * w.size
                 train["all"] = {"examples_per_s": done / train_time, "seconds": train_time}
                 distributed.broadcast_buffers(net)  # rank 0's batch-norm statistics: the ones model.pt keeps
-                val = evaluate(net, data.val, tasks, mean=data.mean, std=data.std, forward=eval_forward)
-                test = evaluate(net, data.test, tasks, mean=data.mean, std=data.std, forward=eval_forward)
+                val = evaluate(net, data.val, tasks, forward=eval_forward)
+                test = evaluate(net, data.test, tasks, forward=eval_forward)
                 used = weighting.weights()  # what this epoch's losses were weighted by (DWA: fixed per epoch)
                 weighting.epoch_end({t: train[t]["loss"] for t in tasks})
                 if main:

@@ -27,12 +27,16 @@ def test_targets_move_with_their_images_and_the_border_is_unlabelled():
     assert out.shape == images.shape and got["seg"].dtype == torch.uint8
     blank = got["seg"] == 255
     assert blank.any() and torch.equal(blank, torch.isnan(got["depth"]))  # the border a crop brought in
-    assert bool((out[:, :, :][blank.unsqueeze(1).expand_as(out)] == 0).all())  # zero images there: the mean
+    assert bool((out[:, :, :][blank.unsqueeze(1).expand_as(out)] == 0).all())  # the fill there (0 by default)
     inside = ~blank
     assert torch.equal(got["seg"][inside], (out[:, 0] > 0).to(torch.uint8)[inside])
     assert torch.allclose(got["depth"][inside], out[:, 1].exp()[inside])
     assert torch.equal(got["cls"], labels["cls"])  # per-sample targets are not touched
     assert not torch.equal(out, images)
+    mean = torch.tensor([1.5, -2.0, 0.25])
+    filled, cut = augment(images, labels, {"seg"}, ("crop",), generator(0, 1, 1), fill=mean.view(3, 1, 1))
+    border = (cut["seg"] == 255).unsqueeze(1).expand_as(filled)
+    assert torch.equal(filled[border], mean.view(1, 3, 1, 1).expand_as(filled)[border])  # the inputs' mean
 
 
 def test_draws_depend_on_the_place_in_the_run_only():

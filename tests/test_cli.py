@@ -517,3 +517,23 @@ def test_amp_and_channels_last_train_and_evaluate(cli, data_root, tmp_path):
     m = pd.read_csv(tmp_path / "r" / "metrics.csv")
     assert m[m.metric == "accuracy"].value.between(0, 1).all() and m[m.metric == "loss"].value.notna().all()
     assert cli("eval", tmp_path / "r", "--data-root", data_root)[0] == 0
+
+
+def test_a_run_that_kept_its_input_statistics_beside_the_weights_evaluates_alike(cli, data_root, tmp_path):
+    """Runs written before the statistics moved into the network (InputNorm) kept them as model.pt's 'norm'."""
+    run = tmp_path / "r"
+    code, _, err = cli("train", "--data-root", data_root, *SMALL, "--out", run)
+    assert code == 0, err
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert state["model"]["input_norm.mean"].shape == () and "norm" not in state  # gray: one value
+    assert cli("eval", run, "--data-root", data_root)[0] == 0
+    now = pd.read_csv(run / "eval.csv")
+    mean, std = state["model"].pop("input_norm.mean"), state["model"].pop("input_norm.std")
+    state["norm"] = {"mean": float(mean), "std": float(std)}
+    torch.save(state, run / "model.pt")
+    assert cli("eval", run, "--data-root", data_root)[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(run / "eval.csv"), now)
+    state["norm"]["std"] = -1.0
+    torch.save(state, run / "model.pt")
+    code, _, err = cli("eval", run, "--data-root", data_root)
+    assert code == 1 and "'norm' should hold a finite mean and a positive std" in err

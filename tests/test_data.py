@@ -91,16 +91,24 @@ def test_splits_are_seeded_disjoint_and_z_scored_with_training_statistics(data_r
     assert not torch.equal(other.val.images, d.val.images)
 
 
-def test_batches_cover_every_sample_once_and_are_normalised(data_root):
+def test_batches_cover_every_sample_once_and_the_network_normalises_them(data_root):
+    from csnet.models.network import ModelConfig, build_network
+
     d = data.load(DataConfig(data_root=str(data_root), val_size=100), ["fine"])
+    net = build_network(ModelConfig(tasks=("fine",), num_classes=(10,), stitch="none"))
+    net.input_norm.set(d.mean, d.std)
     seen, n = [], 0
-    for x, labels in data.batches(d.train, 64, mean=d.mean, std=d.std, generator=torch.Generator().manual_seed(0)):
+    for x, labels in data.batches(d.train, 64, generator=torch.Generator().manual_seed(0)):
         assert x.dtype == torch.float32 and x.shape[0] == labels["fine"].shape[0] <= 64
-        seen.append(x)
+        seen.append(net.input_norm(x))
         n += x.shape[0]
     assert n == len(d.train)
     everything = torch.cat(seen)
     assert abs(everything.mean().item()) < 1e-4 and everything.std().item() == pytest.approx(1.0, abs=1e-3)
+    # the statistics travel in the weights: a network rebuilt from its state dict z-scores alike
+    again = build_network(ModelConfig(tasks=("fine",), num_classes=(10,), stitch="none"))
+    again.load_state_dict(net.state_dict())
+    assert torch.equal(again.input_norm(seen[0]), net.input_norm(seen[0]))
 
 
 @pytest.mark.parametrize("cfg,message", [

@@ -3,6 +3,7 @@ exactly, and is chosen by size on its own; your own Dataset (``--dataset module.
 only when named, and its faults are one line each."""
 
 import json
+import sys
 import textwrap
 
 import pandas as pd
@@ -120,7 +121,8 @@ def own_data(tmp_path, monkeypatch):
     (tmp_path / "lab_data.py").write_text(DATASET)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("lab_data", None)  # each test's own module of that name
 
 
 def test_your_own_dataset_trains_streams_and_is_imported_only_when_named(cli, own_data):

@@ -265,6 +265,43 @@ def fit_head(column: Column, task: tasks_lib.Task) -> Column:
     return column
 
 
+class InputNorm(nn.Module):
+    """``(x - mean) / std``: the inputs z-scored with the training split's statistics, kept as buffers so a
+    checkpoint carries them and nothing beside the weights is needed to run the network (timm keeps a
+    model's input statistics with the model for the same reason). One value for gray images, one per
+    channel (C, 1, 1) for colour, one per feature (F,) for tables; the identity until ``set``.
+
+    A loaded state dict brings its own shape; a state dict without these buffers (csnet runs written
+    before they existed, which kept the statistics beside the weights) leaves them as they are, for the
+    caller to set."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def set(self, mean, std) -> "InputNorm":
+        device = self.mean.device
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).clone().to(device)
+        self.std = torch.as_tensor(std, dtype=torch.float32).clone().to(device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("mean", "std"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, torch.empty_like(value, dtype=torch.float32, device=self.mean.device))
+        found = [prefix + n for n in ("mean", "std") if prefix + n in state_dict]
+        if found:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+
+
 class CrossStitchNet(nn.Module):
     """Columns that all see the same input, mixed by a unit after each stage named in ``points``.
 
@@ -302,6 +339,7 @@ class CrossStitchNet(nn.Module):
                 raise UsageError(f"--subspaces {subspaces} does not divide the {widths[first_task]} channels of stitch "
                                  f"point {p}")
             units[p] = MIXERS[mixer](len(columns), widths[first_task], mode, alpha, beta, init, subspaces)
+        self.input_norm = InputNorm()
         self.units = nn.ModuleDict(units)
         self.mixer = mixer
         # sluice's layer-skip weights, over the mixed layers and the last stage (Ruder et al.'s beta)
@@ -314,6 +352,7 @@ class CrossStitchNet(nn.Module):
 
     def _stages(self, x: torch.Tensor):
         """Every column's output after the last stage, and the (mixed) stage outputs their heads tap."""
+        x = self.input_norm(x)
         cols = list(self.columns.values())
         taps = {t for col in cols for t in col.taps}
         if self.readout is not None:
@@ -431,6 +470,7 @@ class SharedNet(nn.Module):
         self.branches = nn.ModuleDict({t: nn.ModuleDict({n: c.stages[n] for n in names[k:]}) for t, c in columns.items()})
         self.heads = nn.ModuleDict({t: c.head for t, c in columns.items()})
         self.taps = {t: c.taps for t, c in columns.items()}
+        self.input_norm = InputNorm()
         self.units = nn.ModuleDict()  # none: nothing to mix
 
     @property
@@ -438,6 +478,7 @@ class SharedNet(nn.Module):
         return list(self.heads)
 
     def _stages(self, x: torch.Tensor):
+        x = self.input_norm(x)
         kept = {"input": x}
         for name, stage in self.trunk.items():
             x = stage(x)
@@ -473,10 +514,11 @@ class Network(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.input_norm = InputNorm()
         self.units = nn.ModuleDict()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(x)
+        return self.net(self.input_norm(x))
 
     def unit_parameters(self) -> list[nn.Parameter]:
         return []
@@ -488,7 +530,7 @@ class Network(nn.Module):
 
 def as_network(net: nn.Module) -> nn.Module:
     """``net`` as the training loop takes it: csnet's networks as they are, any other module wrapped."""
-    return net if hasattr(net, "unit_parameters") and hasattr(net, "units") else Network(net)
+    return net if all(hasattr(net, a) for a in ("unit_parameters", "units", "input_norm")) else Network(net)
 
 
 def _custom_network(cfg: ModelConfig) -> nn.Module:
