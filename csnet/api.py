@@ -40,7 +40,7 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     from csnet import data as data_lib
     from csnet import pydata, runio, stages
     from csnet.train import resolve_device
-    from csnet.models.network import ModelConfig, as_network
+    from csnet.models.network import ModelConfig, as_network, check_outputs
     from csnet.tasks import make as make_task
 
     console = Console(quiet=quiet)
@@ -78,6 +78,7 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     if model_cfg.needs_stats():  # the statistics standardized kinds' losses are computed with
         model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
     stages.check_training(model_cfg, train_cfg, net)
+    check_outputs(net, model_cfg.task_list(), torch.zeros(2, *model_cfg.input_shape()))  # before anything is written
     net.input_norm.set(data.mean, data.std)  # the training split's statistics, kept in model.pt
     runio.ensure_new(out, force)  # before anything is written: an existing run is refused unless force
     device, note = resolve_device(train_cfg.device)

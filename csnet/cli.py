@@ -212,6 +212,12 @@ def _options(data_option: list[str] | None) -> dict[str, str] | None:
     return options or None
 
 
+def _typed(ctx: typer.Context, name: str, value):
+    """``value`` if the user typed option ``name`` on this command line, else None: code named only in a
+    --config file (perhaps a downloaded run's config.json) is never trusted to be imported."""
+    return value if _given(ctx, [name]) else None
+
+
 def _trusted(dataset: str | None) -> tuple[str, ...]:
     """The user's own data set named on this command line: code it may import (see ``_code``)."""
     return (trust_data(dataset),) if dataset is not None and is_custom(dataset) else ()
@@ -327,7 +333,8 @@ def pretrain(
     image_size = parse_image_size(image_size)
     seed_list = _seed_list(ctx, seeds)
     names, kinds = _task_kinds([task] if task is not None else [])
-    spec = dataset_spec(dataset, kinds, image_size, labels, image_column, options=_options(data_option))
+    code = _code(_typed(ctx, "backbone", backbone)) + _trusted(_typed(ctx, "dataset", dataset))
+    spec = dataset_spec(dataset, kinds, image_size, labels, image_column, code, _options(data_option))
     if task is None:
         if len(spec.tasks) != 1:
             raise UsageError(f"--task is needed: {dataset} has the tasks {', '.join(spec.tasks)}")
@@ -345,7 +352,7 @@ def pretrain(
                     momentum=momentum, lr_schedule=lr_schedule, seed=seed, device=device, deterministic=deterministic,
                     amp=amp, channels_last=channels_last, compile=compile, select=select, keep_last=keep_last, tensorboard=tensorboard, augment=augment),
         _out(out, name, f"pretrain-{task}"), console, quiet, force, weights, seed_list,
-        code=_code(backbone) + _trusted(dataset),
+        code=code,
     )
 
 
@@ -421,27 +428,38 @@ def train(
         stages.resume(resume, console, quiet=quiet,
                       epochs=epochs if _given(ctx, ["epochs"]) else None,
                       device=device if _given(ctx, ["device"]) else None,
-                      code=_code(backbone, "--resume") + _trusted(dataset))
+                      code=_code(_typed(ctx, "backbone", backbone), "--resume")
+                      + _trusted(_typed(ctx, "dataset", dataset)))
         return
     image_size = parse_image_size(image_size)
     seed_list = _seed_list(ctx, seeds)
     model_opts = dict(backbone=backbone, arch=arch, share_until=share_until, subspaces=subspaces, stitch=stitch, unit_mode=unit_mode, unit_init=unit_init, alpha=alpha,
                       beta=beta, batch_norm=batch_norm, dropout=dropout, hidden=hidden)
     model_cfg = None
-    code = _code(backbone, "--from" if from_run is not None else None) + _trusted(dataset)
+    code = _code(_typed(ctx, "backbone", backbone), "--from" if from_run is not None else None) \
+        + _trusted(_typed(ctx, "dataset", dataset))
     if from_run is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in model_opts.items() if v is not None and k != "backbone"]
         given += [flag for flag, v in (("--tasks", tasks), ("--weights", weights)) if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} cannot be used with --from (the network comes from {from_run})")
-        if dataset is None:
+        try:
             before = stages.run_data_config(from_run)
+        except UsageError:  # a stitch of columns from different data sets: --dataset is needed
+            if dataset is None:
+                raise
+            before = None
+        if before is not None and dataset in (None, before.dataset):  # the run's data: its settings come along
             dataset, image_size = before.dataset, image_size if image_size is not None else before.image_size
             labels, image_column = labels or before.labels, image_column or before.image_column
+            if data_option is None and before.options:
+                data_option = [f"{k}={v}" for k, v in before.options.items()]
+            stream = stream if stream is not None else before.stream
+            workers = workers if workers is not None else before.workers
     else:
         dataset = dataset or _D.dataset
         task_list, kinds = _task_kinds(_parse_list(tasks, "--tasks")) if tasks is not None else (None, {})
-        spec = dataset_spec(dataset, kinds, image_size, labels, image_column, options=_options(data_option))
+        spec = dataset_spec(dataset, kinds, image_size, labels, image_column, code, _options(data_option))
         task_list = task_list or list(spec.default_tasks)
         if not task_list:
             raise UsageError(f"--dataset {dataset} has no default tasks: name the label columns with --tasks a,b")
@@ -619,6 +637,9 @@ def _run_options(config, sub: str, path: Path) -> dict:
 
     if not isinstance(config, dict) or config.get("command") not in ("train", "pretrain"):
         raise UsageError(f"--config {path}: not the config.json of a train or pretrain run")
+    if isinstance(config.get("model"), dict) and config["model"].get("arch") == "custom":
+        raise UsageError(f"--config {path}: a run of csnet.fit trains a network of your own; repeat it from Python "
+                         "(its config.json records the settings)")
     if sub not in ("train", "pretrain"):
         raise UsageError(f"--config {path}: a run's config.json configures train or pretrain, not {sub}")
     sections = {k: config.get(k) if isinstance(config.get(k), dict) else {} for k in ("data", "model", "train")}

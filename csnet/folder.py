@@ -18,8 +18,7 @@ channel with the training split's statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +220,7 @@ def _target_columns(lay: Layout, df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in (lay.image, SPLIT_COLUMN) and _is_target_file(df[c])]
 
 
-@lru_cache(maxsize=2)
-def _decoded(lay: Layout, table_version: tuple, size: tuple[int, int] | None, keep: bool) -> _Scan:
+def _decoded(lay: Layout, size: tuple[int, int] | None, keep: bool) -> _Scan:
     """The folder read once, each image resized as soon as it is decoded; kept only when ``keep``."""
     root = lay.root
     df = _table(lay)
@@ -283,20 +281,33 @@ def _estimate(lay: Layout, df: pd.DataFrame, size: tuple[int, int] | None) -> in
     return len(df) * h * w * (3 + 4 * len(_target_columns(lay, df)))
 
 
+# The last scan of a folder, by (layout, table version, size): the spec and the load of one command read
+# the folder once; a streamed run drops the images a first look kept.
+_SCANS: dict = {}
+
+
 def _load(lay: Layout, size, keep: bool | None = None):
     """(table, scan) at ``size`` (S, (H, W) or None: the images' own); ``keep``: hold the images (None: when
-    they fit in memory)."""
+    they fit in memory, or as the last scan did)."""
     from csnet.config import image_hw
 
     size = image_hw(size) if size is not None else None
     stat = lay.table.stat()
     lay = Layout(lay.root.resolve(), lay.table.resolve(), lay.image)
     df = _table(lay)
-    if keep is None:
+    key = (lay, (stat.st_mtime_ns, stat.st_size), size)
+    have = _SCANS.get(key)
+    if keep is None and have is None:
         from csnet.splits import memory_limit
 
         keep = _estimate(lay, df, size) <= memory_limit()
-    return df, _decoded(lay, (stat.st_mtime_ns, stat.st_size), size, keep)
+    if have is not None and (keep is None or have.images is not None or not keep):
+        scan = have if keep is not False else replace(have, images=None, targets={})
+    else:
+        scan = _decoded(lay, size, keep)
+    _SCANS.clear()  # one folder at a time
+    _SCANS[key] = scan
+    return df, scan
 
 
 def spec(name: str, kinds: dict[str, str], image_size: int | None = None, labels: str | None = None,

@@ -188,6 +188,8 @@ def data_from(made: dict, tasks: dict[str, Task], cfg, where: str) -> Data:
     else:
         train, val, test = (_in_memory(items[s], workers) for s in SPLITS)
         note = f"{n:,} items held in memory ({size / 1e6:,.1f} MB)"
+    for split, name in ((train, "train"), (val, "val"), (test, "test")):  # every item, before any subset
+        _check_targets(split, tasks, f"{where} ({name})")
     if cfg.train_size is not None:
         if not 0 < cfg.train_size <= len(train):
             raise UsageError(f"--train-size must be between 1 and {len(train)}")
@@ -210,15 +212,38 @@ def data_from(made: dict, tasks: dict[str, Task], cfg, where: str) -> Data:
 def _statistics(train: Split | Stream):
     """Per-channel mean and std of the training images, from float64 sums (uint8 images: exact)."""
     if isinstance(train, Split):
-        total, squares = pixel_sums(train.images)
-        x = train.images
+        (total, squares), values = pixel_sums(train.images), train.images.numel() // train.images.shape[1]
     else:
-        total = squares = 0
-        for x, _ in train._load(list(train._chunks(256))):
-            t, s = pixel_sums(x.cpu())
-            total, squares = total + t, squares + s
-    n = len(train) * x.shape[2] * x.shape[3]
-    return channel_stats(total, squares, n)
+        seen = train.seen()
+        (total, squares), values = seen["sums"], seen["values"]
+    return channel_stats(total, squares, values)
+
+
+def _check_targets(split: Split | Stream, tasks: dict[str, Task], where: str) -> None:
+    """Class numbers inside each task's range (as the loss will index with them), 0/1 where a kind wants it:
+    a wrong target is one line naming the item, not an indexing error in the middle of training."""
+    for t, task in tasks.items():
+        if task.kind not in ("classification", "segmentation", "binary", "multilabel"):
+            continue
+        y = split.targets(t)
+        flat = y.reshape(len(y), -1)
+        if task.kind == "classification":
+            bad = (flat != -1) & ((flat < 0) | (flat >= task.size))
+            want = f"a class number from 0 to {task.size - 1} (-1: no label)"
+        elif task.kind == "segmentation":
+            v = flat.long()
+            bad = (v >= task.size) & (v != IGNORE) | (v < -1)
+            want = f"class numbers from 0 to {task.size - 1} (255: no label)"
+        else:
+            bad = ~torch.isnan(flat) & (flat != 0) & (flat != 1)
+            want = "0 or 1 (NaN: no label)"
+        rows = bad.any(1).nonzero()
+        if len(rows):
+            i = int(rows[0])
+            item = int(split.index[i]) if isinstance(split, Stream) else i
+            found = flat[i][bad[i]][0].item()
+            raise CsnetError(f"{where}: item {item}: target {t} holds {found:g}; a {task.kind} task of size "
+                             f"{task.size} takes {want}")
 
 
 def load_python(cfg, spec: DatasetSpec, tasks: dict[str, Task]) -> Data:

@@ -29,16 +29,23 @@ DEFAULT_MEMORY_SHARE = 4  # a quarter of the machine's memory
 
 
 def memory_limit() -> int:
-    """Bytes a data set may take in memory before it streams (``CSNET_MEMORY_LIMIT`` overrides)."""
+    """Bytes a data set may take in memory before it streams: a quarter of the machine's memory, or of the
+    container's limit where that is smaller (``CSNET_MEMORY_LIMIT`` overrides)."""
     if os.environ.get("CSNET_MEMORY_LIMIT"):
         try:
             return int(float(os.environ["CSNET_MEMORY_LIMIT"]))
         except ValueError:
             raise UsageError(f"CSNET_MEMORY_LIMIT={os.environ['CSNET_MEMORY_LIMIT']!r}: give a number of bytes") from None
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // DEFAULT_MEMORY_SHARE
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): 4 GiB
         return 4 << 30
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # a container's
+        try:
+            total = min(total, int(Path(limit).read_text().strip()))
+        except (OSError, ValueError):  # no such file, or "max"
+            pass
+    return total // DEFAULT_MEMORY_SHARE
 
 
 def streams(stream: bool | None, size: int) -> bool:
@@ -116,26 +123,54 @@ class Stream:
     workers: int = 0
     device: torch.device = torch.device("cpu")
     dropped: dict[str, torch.Tensor] = field(default_factory=dict)
+    # one read of every item: the per-sample targets and the pixel sums (see ``seen``); kept with the split
+    _seen: dict | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _with(self, **changes) -> "Stream":
+        keep = {"items": self.items, "index": self.index, "tasks": self.tasks, "workers": self.workers,
+                "device": self.device, "dropped": self.dropped, "_seen": self._seen}
+        return Stream(**{**keep, **changes})
+
     def to(self, device: torch.device) -> "Stream":
-        return Stream(self.items, self.index, self.tasks, self.workers, torch.device(device), self.dropped)
+        return self._with(device=torch.device(device))
 
     def subset(self, idx: torch.Tensor) -> "Stream":
-        return Stream(self.items, self.index[idx], self.tasks, self.workers, self.device,
-                      {t: d[idx] for t, d in self.dropped.items()})
+        return self._with(index=self.index[idx], dropped={t: d[idx] for t, d in self.dropped.items()}, _seen=None)
 
     def shard(self, rank: int, size: int) -> "Stream":
         return self.subset(torch.arange(rank, len(self), size))
 
+    def seen(self) -> dict:
+        """One pass over the items, made once: every per-sample (not per-pixel) target as read, and float64
+        sums of the images' values and squares per channel with the number of values per channel."""
+        if self._seen is None:
+            targets = {t: [] for t, task in self.tasks.items() if not task.dense}
+            total = squares = 0
+            values = 0
+            for x, labels in self._load(list(self._chunks(256)), raw=True):
+                for t in targets:
+                    targets[t].append(labels[t].cpu())
+                x = x.cpu()
+                t_sum, s_sum = pixel_sums(x)
+                total, squares, values = total + t_sum, squares + s_sum, values + x.numel() // x.shape[1]
+            self._seen = {"targets": {t: torch.cat(ys) for t, ys in targets.items()},
+                          "sums": (total, squares), "values": values}
+        return self._seen
+
     def targets(self, task: str) -> torch.Tensor:
-        """Every target of one task, in sample order (one pass over the items; per-pixel ones are held
-        as a whole, so this is for statistics and label counts, once per run)."""
+        """Every target of one task, in sample order: from the items' own ``targets(task, index)`` where they
+        have one (image folders read their tables), else from ``seen``; per-pixel ones by a pass of their
+        own, held as a whole (for statistics and label counts, once per run)."""
         items = getattr(self.items, "targets", None)
-        y = items(task, self.index) if items is not None else \
-            torch.cat([labels[task] for _, labels in self._load(list(self._chunks(256)))])
+        if items is not None:
+            y = items(task, self.index)
+        elif not self.tasks[task].dense:
+            y = self.seen()["targets"][task]
+        else:
+            y = torch.cat([labels[task].cpu() for _, labels in self._load(list(self._chunks(256)), raw=True)])
         if task in self.dropped:
             y = self.tasks[task].unlabel(y, self.dropped[task].nonzero().squeeze(1))
         return y
@@ -143,8 +178,8 @@ class Stream:
     def with_targets(self, task: str, y: torch.Tensor) -> "Stream":
         """Only what ``starve`` does: the samples whose label is now missing are dropped at batch time."""
         gone = ~self.tasks[task].labelled(y) & self.tasks[task].labelled(self.targets(task))
-        return Stream(self.items, self.index, self.tasks, self.workers, self.device,
-                      {**self.dropped, task: gone | self.dropped.get(task, torch.zeros(len(self), dtype=torch.bool))})
+        return self._with(dropped={**self.dropped,
+                                   task: gone | self.dropped.get(task, torch.zeros(len(self), dtype=torch.bool))})
 
     def example(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return next(self._load([torch.tensor([0])], workers=0))
@@ -152,34 +187,50 @@ class Stream:
     def _chunks(self, size: int):
         return torch.arange(len(self)).split(size)
 
-    def _load(self, position_batches: list[torch.Tensor], workers: int | None = None):
-        """(images, {task: targets}) for each batch of positions, in order, read by ``workers`` processes."""
+    def _load(self, position_batches: list[torch.Tensor], workers: int | None = None, raw: bool = False,
+              seed: int = 0):
+        """(images, {task: targets}) for each batch of positions, in order, read by ``workers`` processes;
+        ``raw``: the targets as read, without ``--starve``'s removals."""
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             self.items, batch_sampler=[self.index[p].tolist() for p in position_batches],
             num_workers=self.workers if workers is None else workers, pin_memory=cuda,
             # its own generator: the loader draws its workers' seeds from it, never from the global one
             # that dropout draws from, so reading in workers leaves the run's random numbers alone
-            generator=torch.Generator().manual_seed(0))
+            generator=torch.Generator().manual_seed(seed))
         batches = iter(loader)
         for positions in position_batches:
             try:
                 images, labels = next(batches)
             except CsnetError as e:  # from a worker, the message carries the worker's traceback: keep its last line
-                raise CsnetError(str(e).strip().splitlines()[-1].removeprefix("csnet.errors.CsnetError: ")) from None
-            for t, gone in self.dropped.items():
-                hit = gone[positions].nonzero().squeeze(1)
-                if len(hit):
-                    labels[t] = self.tasks[t].unlabel(labels[t], hit)
+                raise CsnetError(_last_line(e).removeprefix("csnet.errors.CsnetError: ")) from None
+            except RuntimeError as e:  # the default collate: items of different shapes do not stack
+                raise CsnetError(f"items {self.index[positions[0]]}..{self.index[positions[-1]]} do not stack into "
+                                 f"a batch ({_last_line(e).removeprefix('RuntimeError: ')[:200]}); every image and "
+                                 "every target of a task must have one shape") from None
+            if not raw:
+                for t, gone in self.dropped.items():
+                    hit = gone[positions].nonzero().squeeze(1)
+                    if len(hit):
+                        labels[t] = self.tasks[t].unlabel(labels[t], hit)
             yield (images.to(self.device, non_blocking=cuda),
                    {t: labels[t].to(self.device, non_blocking=cuda) for t in self.tasks})
 
     def _batches(self, order, first_positions):
         if order is None:
             batches = [torch.arange(first, min(first + n, len(self))) for first, n in first_positions]
+            seed = 0
         else:
             batches = [order[first:first + n].cpu() for first, n in first_positions]
-        yield from self._load(batches)
+            # the workers' seeds follow the epoch's order: a Dataset's own random transforms differ from
+            # epoch to epoch, and are the same again when the epoch is replayed
+            seed = int(order[:4].cpu().sum()) * 1_000_003 + len(order)
+        yield from self._load(batches, seed=seed)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 @dataclass

@@ -763,6 +763,8 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
                            stream=None, workers=None, options=None)
         if dataset.startswith("folder:"):  # the network takes images of the size it was built for
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)
+        if is_custom(dataset):  # your own data set gives its splits itself
+            data_cfg = replace(data_cfg, val_size=None, train_size=None)
         norm_from_data = True
     else:
         data_cfg = run_data_config(run)

@@ -67,7 +67,8 @@ def freeze(net: CrossStitchNet, cfg: TrainConfig) -> None:
     if not cfg.freeze_columns:
         return
     if not hasattr(net, "columns"):
-        raise UsageError("--freeze-columns applies to cross-stitch networks, not --arch shared")
+        raise UsageError("--freeze-columns applies to cross-stitch networks (columns and units), not to --arch "
+                         "shared or a network of your own")
     for column in net.columns.values():
         for p in column.stages.parameters():
             p.requires_grad_(False)

@@ -74,16 +74,19 @@ def test_fit_writes_a_run_the_command_line_evaluates_and_resumes(cli, lab, tmp_p
 
 
 def test_fit_resumes_from_python_and_takes_the_dataset_function_alone(lab, tmp_path):
-    part = csnet.fit(two_heads(), dataset="lab_data:make", out="part", epochs=1, batch_size=16, quiet=True,
-                     keep_last=True, seed=3)
+    tasks = {"shape": ("classification", 10), "ink": "regression"}  # two of the Dataset's three
+    part = csnet.fit(two_heads(), dataset="lab_data:make", tasks=tasks, out="part", epochs=1, batch_size=16,
+                     quiet=True, keep_last=True, seed=3)
     assert json.loads((part / "config.json").read_text())["data"]["dataset"] == "lab_data:make"
-    csnet.fit(two_heads(), dataset="lab_data:make", out="part", epochs=2, resume=True, quiet=True)
-    ref = csnet.fit(two_heads(), dataset="lab_data:make", out="ref", epochs=2, batch_size=16, quiet=True, seed=3)
+    csnet.fit(two_heads(), dataset="lab_data:make", tasks=tasks, out="part", epochs=2, resume=True, quiet=True)
+    ref = csnet.fit(two_heads(), dataset="lab_data:make", tasks=tasks, out="ref", epochs=2, batch_size=16,
+                    quiet=True, seed=3)
     pd.testing.assert_frame_equal(values(part), values(ref))
 
 
 def test_fit_without_a_recorded_network_says_how_to_evaluate_it(cli, lab):
-    csnet.fit(two_heads(), **datasets(lab), out="r", quiet=True, batch_size=16)
+    csnet.fit(two_heads(), **datasets(lab), tasks={"shape": ("classification", 10), "ink": "regression"}, out="r",
+              quiet=True, batch_size=16)
     code, _, err = cli("eval", "r", "--dataset", "lab_data:make")
     assert code == 2 and "without network='module.path:function'" in err
     code, _, err = cli("eval", "r")
@@ -97,7 +100,30 @@ def test_fit_without_a_recorded_network_says_how_to_evaluate_it(cli, lab):
     ({"lr": -1.0}, "--lr"),
 ])
 def test_fit_mistakes_are_usage_errors_before_anything_is_written(lab, tmp_path, kwargs, message):
-    args = {**datasets(lab), "out": "r", "quiet": True, **kwargs}
+    args = {**datasets(lab), "out": "r", "quiet": True, "tasks": {"shape": ("classification", 10),
+                                                                  "ink": "regression"}, **kwargs}
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         csnet.fit(two_heads(), **args)
+    assert not (tmp_path / "r").exists()
+
+
+class Forgetful(TwoHeads):
+    def forward(self, x):
+        return {"shape": super().forward(x)["shape"]}
+
+
+class Bare(TwoHeads):
+    def forward(self, x):
+        return super().forward(x)["shape"]
+
+
+@pytest.mark.parametrize("net, message", [
+    (Forgetful(), "the network returns no output for task ink (it returns: shape)"),
+    (Bare(), "the network's forward must return {task: output}, it returned Tensor"),
+])
+def test_a_network_whose_outputs_do_not_fit_is_refused_before_anything_is_written(lab, tmp_path, net, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{")
+                       .replace("}", r"\}")):
+        csnet.fit(net, **datasets(lab), tasks={"shape": ("classification", 10), "ink": "regression"}, out="r",
+                  quiet=True)
     assert not (tmp_path / "r").exists()

@@ -113,6 +113,26 @@ DATASET = textwrap.dedent('''
 
     def unlabelled(split):
         return Unlabelled(split, 48)
+
+
+    class BigClass(Squares):
+        def __getitem__(self, i):
+            image, targets = super().__getitem__(i)
+            return image, {**targets, "shape": 12 if i == 7 else targets["shape"]}
+
+
+    def big_class(split):
+        return BigClass(split, 48)
+
+
+    class Ragged(Squares):
+        def __getitem__(self, i):
+            image, targets = super().__getitem__(i)
+            return (image[:, :20] if i == 3 else image), targets
+
+
+    def ragged(split):
+        return Ragged(split, 48)
 ''')
 
 
@@ -156,9 +176,52 @@ def test_your_own_dataset_trains_streams_and_is_imported_only_when_named(cli, ow
     ("no_such_module:make", "--dataset no_such_module:make: cannot import no_such_module"),
     ("lab_data:faulty", "--dataset lab_data:faulty (train): item 5 raised ValueError: image 5 is corrupt"),
     ("lab_data:unlabelled", "--dataset lab_data:unlabelled (train): item 0 has no target 'shape' (it has ink)"),
+    ("lab_data:big_class", "--dataset lab_data:big_class (train): item 7: target shape holds 12; a classification "
+                           "task of size 10 takes a class number from 0 to 9 (-1: no label)"),
+    ("lab_data:ragged", "do not stack"),
 ])
 @pytest.mark.parametrize("stream", [[], ["--stream", "--workers", "2"]], ids=["memory", "stream"])
 def test_your_own_dataset_faults_are_one_line(cli, own_data, spec, message, stream):
     code, out, err = cli("train", "--dataset", spec, "--tasks", "shape", "--stitch", "none", *stream, "--out", "r")
     assert code != 0 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (own_data / "r").exists()
+
+
+def test_code_named_only_in_a_config_file_is_never_imported(cli, own_data):
+    """A downloaded run's config.json is data: --config with it must not import the module it names."""
+    (own_data / "evil.py").write_text("open('IMPORTED', 'w').close()\nmake = None\n")
+    code, _, err = cli("train", "--dataset", "lab_data:make", "--tasks", "shape,ink", "--quiet", "--out", "r")
+    assert code == 0, err
+    config = json.loads((own_data / "r" / "config.json").read_text())
+    config["data"]["dataset"] = "evil:make"
+    (own_data / "r" / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("train", "--config", own_data / "r" / "config.json", "--out", "again")
+    assert code == 2 and "name it on this command line: --dataset evil:make" in err
+    assert not (own_data / "IMPORTED").exists() and not (own_data / "again").exists()
+
+
+def test_from_a_run_of_your_own_data_keeps_its_options_and_eval_elsewhere_takes_its_splits(cli, own_data):
+    args = ["--tasks", "shape,ink", "--quiet", "--batch-size", "16"]
+    code, _, err = cli("train", "--dataset", "lab_data:make", "--data-option", "n=40", *args, "--out", "r")
+    assert code == 0, err
+    code, out, err = cli("train", "--from", "r", "--dataset", "lab_data:make", "--out", "again")
+    assert code == 0, err
+    assert json.loads((own_data / "again" / "config.json").read_text())["data"]["options"] == {"n": "40"}
+    assert "(40 train / 24 val / 24 test)" in out
+    # a fashion-like run evaluated on your own data set: its --val-size does not carry over
+    code, _, err = cli("train", "--dataset", "lab_data:make", "--data-option", "n=40", *args, "--out", "other")
+    code, _, err = cli("eval", "other", "--dataset", "lab_data:make")
+    assert code == 0, err
+
+
+def test_a_streamed_folder_is_decoded_once_before_training(cli, tmp_path, monkeypatch):
+    from csnet import folder as folder_source
+
+    root = make_folder(tmp_path / "data", n=40)
+    reads = []
+    read = folder_source._read_image
+    monkeypatch.setattr(folder_source, "_read_image", lambda *a: reads.append(a) or read(*a))
+    code, _, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "colour,item", *COMMON, "--stream",
+                       "--workers", "2", "--out", tmp_path / "r")  # the workers' reads are their own
+    assert code == 0, err
+    assert 40 <= len(reads) <= 40 + 5  # the scan, plus the size estimate and a first example or two

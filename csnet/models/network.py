@@ -585,6 +585,12 @@ def check_outputs(net: nn.Module, tasks: dict, example: torch.Tensor) -> None:
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     finally:
         net.train(was_training)
+    if not isinstance(out, dict):
+        raise UsageError(f"the network's forward must return {{task: output}}, it returned {type(out).__name__}")
+    missing = [name for name in tasks if not isinstance(out.get(name), torch.Tensor)]
+    if missing:
+        raise UsageError(f"the network returns no output for task {missing[0]} (it returns: "
+                         f"{', '.join(map(str, out)) or 'nothing'})")
     n = example.shape[0]
     for name, task in tasks.items():
         want = (n, task.size, *example.shape[-2:]) if task.dense else (n, task.size)
