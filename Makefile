@@ -54,12 +54,13 @@ demo: install
 	$(CSNET) compare $(DEMO_DIR)/baseline $(DEMO_DIR)/cross-stitch $(DEMO_DIR)/cross-stitch-pretrained --out $(DEMO_DIR)/compare
 	@echo "demo done: runs in $(DEMO_DIR), table $(DEMO_DIR)/compare/compare.csv, plots $(DEMO_DIR)/compare/*.png"
 
-# Your own kind of data: a folder of 1,000 real Fashion-MNIST items in colours with a label table
+# Your own kind of data: a folder of 1,000 real Fashion-MNIST items in colours, 32x32 and 40x40 PNGs
+# resized to 32x32, with a label table
 # (item, colour, ink, mask: classification, regression and segmentation), then independent columns
 # against cross-stitch units on it (about a minute on 2 CPU cores).
 FOLDER      ?= data/fashion-folder
 FOLDER_DIR  ?= runs/folder-demo-$(NOW)
-FOLDER_ARGS ?= --dataset folder:$(FOLDER) --tasks item,colour,ink,mask --epochs 10 --seed 0 --quiet
+FOLDER_ARGS ?= --dataset folder:$(FOLDER) --tasks item,colour,ink,mask --image-size 32 --epochs 10 --seed 0 --quiet
 
 folder-demo: install
 	$(BIN)/python -m csnet.examples folder $(FOLDER)

@@ -1,7 +1,7 @@
 """A folder of images with a label table, made from real Fashion-MNIST items: the shape of a lab's own data.
 
-``python -m csnet.examples folder OUT`` writes OUT/img/*.png (RGB, 32 x 32: an item drawn in a colour on
-a dark background), OUT/mask/*.png (the item's pixels: 1, the background: 0) and OUT/labels.csv with,
+``python -m csnet.examples folder OUT`` writes OUT/img/*.png (RGB, 32 x 32 and 40 x 40 alternately, as
+photos of two cameras: an item drawn in a colour on a dark background), OUT/mask/*.png (the item's pixels: 1, the background: 0) and OUT/labels.csv with,
 per image, four tasks of three kinds: ``item`` (its Fashion-MNIST class, a class name), ``colour``
 (a class name), ``ink`` (the share of the image the item covers: a number) and ``mask`` (the mask
 file: segmentation). Colours and shifts are drawn from a seeded generator, so the folder is the same
@@ -19,7 +19,8 @@ CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.15, 0.9, 0.2), "blue": (0.2, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
 
 
-def write_folder(out: Path, n: int = 1000, size: int = 32, seed: int = 0, data_root: Path | None = None) -> Path:
+def write_folder(out: Path, n: int = 1000, sizes: tuple[int, ...] = (32, 40), seed: int = 0,
+                 data_root: Path | None = None) -> Path:
     """Write the folder (see the module's docstring); returns OUT. Existing files of the same names are
     replaced, so running it again gives the same folder."""
     import pandas as pd
@@ -32,15 +33,16 @@ def write_folder(out: Path, n: int = 1000, size: int = 32, seed: int = 0, data_r
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=g)[:n]
     colour = torch.randint(0, len(COLOURS), (n,), generator=g)
-    shift = torch.randint(0, size - 28 + 1, (n, 2), generator=g)
+    shift = torch.rand(n, 2, generator=g)  # where the item sits, as a share of the room around it
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     (out / "mask").mkdir(exist_ok=True)
     rows = []
     palette = torch.tensor(list(COLOURS.values()))
     for k, i in enumerate(pick.tolist()):
+        size = sizes[k % len(sizes)]
         item = torch.zeros(size, size)
-        y, x = shift[k].tolist()
+        y, x = (shift[k] * (size - 28 + 1)).long().clamp_max(size - 28).tolist()
         item[y:y + 28, x:x + 28] = images[i].float() / 255
         noise = torch.rand(3, size, size, generator=g) * 0.15
         rgb = (item[None] * palette[colour[k]].view(3, 1, 1) + noise).clamp(0, 1)

@@ -47,3 +47,22 @@ def test_pretrain_stitch_train_on_real_data(cli, tmp_path):
     assert cli("train", "--from", tmp_path / "stitched", *quick, "--out", tmp_path / "cs")[0] == 0
     acc = _test_accuracy(tmp_path / "cs")
     assert acc["fine"] > 0.70 and acc["coarse"] > 0.85, acc
+
+
+@pytest.mark.filterwarnings("ignore:.*image decoding and encoding capabilities of TorchVision")
+def test_the_example_folder_of_coloured_items_trains_with_its_four_tasks(cli, tmp_path):
+    from torchvision.io import decode_image
+
+    from csnet.examples import write_folder
+
+    root = write_folder(tmp_path / "folder", n=120)
+    table = pd.read_csv(root / "labels.csv")
+    assert list(table.columns) == ["image", "item", "colour", "ink", "mask"] and len(table) == 120
+    sizes = {tuple(decode_image(str(root / p)).shape) for p in table.image[:2]}
+    assert sizes == {(3, 32, 32), (3, 40, 40)}  # two cameras
+    again = write_folder(tmp_path / "again", n=120)
+    assert (again / "labels.csv").read_text() == (root / "labels.csv").read_text()  # seeded: the same folder
+    code, out, err = cli("train", "--dataset", f"folder:{root}", "--tasks", "item,colour,ink,mask", "--image-size",
+                         "32", "--quiet", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "item (classification), colour (classification), ink (regression), mask (segmentation)" in out
