@@ -100,8 +100,9 @@ Backbone = Annotated[Optional[str], typer.Option(
          "With --from or --resume: only the run's own module.path:function, to allow importing it. "
          "[default: convnet]")]
 TrustBackbone = Annotated[Optional[str], typer.Option(
-    "--backbone", help="The run's own module.path:function backbone, named to allow csnet to import it: "
-                       "csnet never imports code that a run folder names.")]
+    "--backbone", help="The run's own module.path:function backbone (or, for a run of csnet.fit, the function "
+                       "building its network), named to allow csnet to import it: csnet never imports code that "
+                       "a run folder names.")]
 Stitch = Annotated[Optional[str], typer.Option(
     help="Where units go: none (independent columns, summed loss), all (the backbone's default points: convnet "
          "pool1, pool2, fc, the paper's placement; mlp every hidden layer; resnet layer1..4; vgg every pool), "
@@ -382,9 +383,9 @@ def stitch(
 def train(
     ctx: typer.Context,
     dataset: Annotated[Optional[str], typer.Option(
-        help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), or "
-             "folder:PATH (images and a labels.csv) "
-             "[default: fashion, or the --from run's].")] = None,
+        help=f"Data set: {DATASET_NAMES}, csv:PATH (numeric features, label columns named by --tasks), "
+             "folder:PATH (images and a labels.csv), or module.path:function (your own torch Dataset; with a run, "
+             "it names the run's own, to allow importing it) [default: fashion, or the --from run's].")] = None,
     tasks: Annotated[Optional[str], typer.Option(
         help="Tasks, comma-separated, each TASK or TASK:KIND (kinds: classification, binary, multilabel, regression, "
              "segmentation, depth; a loss after a second colon, e.g. age:regression:l1). fashion: fine, coarse, body; "
@@ -490,7 +491,8 @@ def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     dataset: Annotated[Optional[str], typer.Option(
-        help="Data set to evaluate on; needed for a stitch of columns from different data sets [default: the run's].")] = None,
+        help="Data set to evaluate on; needed for a stitch of columns from different data sets, and to name the run's "
+             "own module.path:function data set, to allow importing it [default: the run's].")] = None,
     device: Device = _T.device, data_root: DataRoot = None, backbone: TrustBackbone = None,
 ):
     """Evaluate a run's saved network: per-task loss and metrics, the mean loss and the score; writes RUN/eval.csv."""
