@@ -22,7 +22,7 @@ __all__ = ["fit"]
 
 
 def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | None = None,
-        out: str | Path, epochs: int = 1, dataset: str | None = None, network: str | None = None,
+        out: str | Path, epochs: int | None = None, dataset: str | None = None, network: str | None = None,
         data_options: dict[str, str] | None = None, stream: bool | None = None, workers: int | None = None,
         resume: bool = False, force: bool = False, quiet: bool = False, **settings) -> Path:
     """Train ``net`` on your data with csnet's loop and write a run folder at ``out``; returns its path.
@@ -33,7 +33,8 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     recorded so the command line can make them again; given alone, fit calls it. ``tasks``: ``{name: kind or (kind, size)}`` (default:
     the training Dataset's ``tasks`` attribute). ``network="module.path:function"`` names a function
     returning a network like ``net``, recorded so ``csnet eval`` can rebuild it. ``resume=True``
-    continues the run in ``out`` from its last checkpoint (``epochs``: up to that many).
+    continues the run in ``out`` from its last checkpoint (``epochs``: up to that many; default: the run's).
+    ``epochs`` of a new run: 1 unless given.
     ``settings``: any ``csnet train`` training option by its Python name (``batch_size=64``,
     ``lr=3e-4``, ``weighting="uncertainty"``, ``seed=1``, ``device="cuda"``, ``augment="flip"`` ...).
     """
@@ -49,7 +50,7 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     if unknown:
         raise UsageError(f"csnet.fit got unknown setting(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(known - {'epochs'}))}")
-    train_cfg = TrainConfig(epochs=epochs, **settings)
+    train_cfg = TrainConfig(epochs=epochs or 1, **settings)
     given = [s for s in (train, val, test) if s is not None]
     if len(given) not in (0, 3) or (not given and dataset is None):
         raise UsageError("csnet.fit needs train=, val= and test= Datasets, or dataset='module.path:function'")
@@ -78,7 +79,8 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
     if model_cfg.needs_stats():  # the statistics standardized kinds' losses are computed with
         model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
     stages.check_training(model_cfg, train_cfg, net)
-    check_outputs(net, model_cfg.task_list(), torch.zeros(2, *model_cfg.input_shape()))  # before anything is written
+    stages.check_geometry(model_cfg, data)  # targets and inputs of the shapes the network answers, before
+    check_outputs(net, model_cfg.task_list(), torch.zeros(2, *model_cfg.input_shape()))  # anything is written
     net.input_norm.set(data.mean, data.std)  # the training split's statistics, kept in model.pt
     runio.ensure_new(out, force)  # before anything is written: an existing run is refused unless force
     device, note = resolve_device(train_cfg.device)

@@ -793,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.teardown()
+        if "csnet.folder" in sys.modules:  # a folder's scan serves one command: the next one reads the files again
+            sys.modules["csnet.folder"]._SCANS.clear()
 
 
 def run() -> None:

@@ -70,6 +70,9 @@ def main(argv: list[str]) -> int:
     except CsnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an existing file in the way, a folder that cannot be written
+        print(f"error: {e.filename or argv[1]}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}: 1,000 images with labels.csv (item, colour, ink, mask)")
     return 0
 

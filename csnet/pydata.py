@@ -117,10 +117,26 @@ def spec_of(made, where: str, kinds: dict[str, str], name: str = "python") -> Da
                        backbone="fcn" if dense else "convnet")
 
 
+def _whole_classes(task: Task, y: torch.Tensor, where: str) -> None:
+    """Class numbers as the kind reads them, checked before they are cast (2.9 would become 2, 257 a 1):
+    whole numbers from 0 to size - 1, or -1 (and 255 in a class map) for no label."""
+    v = y.double()
+    ok = (v == v.round()) & (((v >= 0) & (v < task.size)) | (v == -1))
+    if task.kind == "segmentation":
+        ok |= v == IGNORE
+    if not bool(ok.all()):
+        bad = v[~ok][0].item()
+        none = "-1 or 255" if task.kind == "segmentation" else "-1"
+        raise CsnetError(f"{where}: target {task.name} holds {bad:g}; a {task.kind} task of size {task.size} takes "
+                         f"whole class numbers from 0 to {task.size - 1} ({none}: no label)")
+
+
 def _encode(task: Task, y, where: str) -> torch.Tensor:
     """One item's target in the encoding ``task`` reads."""
     try:
         y = torch.as_tensor(y)
+        if task.kind in ("classification", "segmentation"):
+            _whole_classes(task, y, where)
         if task.kind == "classification":
             return y.long().reshape(())
         if task.kind == "segmentation":
@@ -220,30 +236,19 @@ def _statistics(train: Split | Stream):
 
 
 def _check_targets(split: Split | Stream, tasks: dict[str, Task], where: str) -> None:
-    """Class numbers inside each task's range (as the loss will index with them), 0/1 where a kind wants it:
-    a wrong target is one line naming the item, not an indexing error in the middle of training."""
+    """0/1 where a kind wants it (binary, multilabel): a wrong target is one line naming the item, not a
+    loss computed on values the kind does not define. (Class numbers are checked as items are read.)"""
     for t, task in tasks.items():
-        if task.kind not in ("classification", "segmentation", "binary", "multilabel"):
+        if task.kind not in ("binary", "multilabel"):
             continue
-        y = split.targets(t)
-        flat = y.reshape(len(y), -1)
-        if task.kind == "classification":
-            bad = (flat != -1) & ((flat < 0) | (flat >= task.size))
-            want = f"a class number from 0 to {task.size - 1} (-1: no label)"
-        elif task.kind == "segmentation":
-            v = flat.long()
-            bad = (v >= task.size) & (v != IGNORE) | (v < -1)
-            want = f"class numbers from 0 to {task.size - 1} (255: no label)"
-        else:
-            bad = ~torch.isnan(flat) & (flat != 0) & (flat != 1)
-            want = "0 or 1 (NaN: no label)"
+        flat = split.targets(t).reshape(len(split), -1)
+        bad = ~torch.isnan(flat) & (flat != 0) & (flat != 1)
         rows = bad.any(1).nonzero()
         if len(rows):
             i = int(rows[0])
             item = int(split.index[i]) if isinstance(split, Stream) else i
-            found = flat[i][bad[i]][0].item()
-            raise CsnetError(f"{where}: item {item}: target {t} holds {found:g}; a {task.kind} task of size "
-                             f"{task.size} takes {want}")
+            raise CsnetError(f"{where}: item {item}: target {t} holds {flat[i][bad[i]][0].item():g}; a {task.kind} "
+                             "task takes 0 or 1 (NaN: no label)")
 
 
 def load_python(cfg, spec: DatasetSpec, tasks: dict[str, Task]) -> Data:

@@ -16,6 +16,7 @@ Sources (``csnet.idx``, ``csnet.tabular``, ``csnet.folder``, ``csnet.scenes``,
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class Split:
         """The first sample as a batch of one."""
         return self.images[:1], {t: y[:1] for t, y in self.labels.items()}
 
-    def _batches(self, order, first_positions):
+    def _batches(self, order, first_positions, seed: int = 0):
         for first, positions in first_positions:
             if order is None:
                 sl = slice(first, first + positions)
@@ -204,10 +205,15 @@ class Stream:
                 images, labels = next(batches)
             except CsnetError as e:  # from a worker, the message carries the worker's traceback: keep its last line
                 raise CsnetError(_last_line(e).removeprefix("csnet.errors.CsnetError: ")) from None
-            except RuntimeError as e:  # the default collate: items of different shapes do not stack
-                raise CsnetError(f"items {self.index[positions[0]]}..{self.index[positions[-1]]} do not stack into "
-                                 f"a batch ({_last_line(e).removeprefix('RuntimeError: ')[:200]}); every image and "
-                                 "every target of a task must have one shape") from None
+            except RuntimeError as e:
+                where = getattr(self.items, "where", "the data")
+                line = _last_line(e).removeprefix("RuntimeError: ")[:200]
+                # the default collate: in the process, or in a worker that stacks into shared memory
+                if any(m in str(e) for m in ("stack expects each tensor", "storage that is not resizable")):
+                    raise CsnetError(f"{where}: items {self.index[positions[0]]}..{self.index[positions[-1]]} do not "
+                                     f"stack into a batch ({line}); every image and every target of a task must "
+                                     "have one shape") from None
+                raise CsnetError(f"{where}: reading the items failed ({line})") from None
             if not raw:
                 for t, gone in self.dropped.items():
                     hit = gone[positions].nonzero().squeeze(1)
@@ -216,15 +222,11 @@ class Stream:
             yield (images.to(self.device, non_blocking=cuda),
                    {t: labels[t].to(self.device, non_blocking=cuda) for t in self.tasks})
 
-    def _batches(self, order, first_positions):
+    def _batches(self, order, first_positions, seed: int = 0):
         if order is None:
             batches = [torch.arange(first, min(first + n, len(self))) for first, n in first_positions]
-            seed = 0
         else:
             batches = [order[first:first + n].cpu() for first, n in first_positions]
-            # the workers' seeds follow the epoch's order: a Dataset's own random transforms differ from
-            # epoch to epoch, and are the same again when the epoch is replayed
-            seed = int(order[:4].cpu().sum()) * 1_000_003 + len(order)
         yield from self._load(batches, seed=seed)
 
 
@@ -339,13 +341,16 @@ def batches(split: Split | Stream, batch_size: int, *, generator: torch.Generato
     """
     n = len(split)
     device = split.device
+    # a streamed split's workers are seeded by the state the order is drawn from (the run's seed and the
+    # epoch): a Dataset's own random transforms differ between epochs and repeat when an epoch is replayed
+    seed = zlib.crc32(generator.get_state().numpy().tobytes()) if generator is not None else 0
     order = torch.randperm(n, generator=generator).to(device) if generator is not None else None
     rank, size = shard
     if size > 1:
         order = (order if order is not None else torch.arange(n, device=device))[:n // size * size][rank::size]
     count = n if order is None else len(order)
     plan = [(first, min(batch_size, count - first)) for first in range(start, count, batch_size)]
-    for images, labels in split._batches(order, plan):
+    for images, labels in split._batches(order, plan, seed):
         yield images.float(), labels
 
 

@@ -17,7 +17,7 @@ from csnet.data import DataConfig
 from csnet.errors import CsnetError, UsageError
 from csnet.accel import accelerate
 from csnet.config import is_custom, trust_data
-from csnet.models.network import ModelConfig, build_network, count_macs
+from csnet.models.network import ModelConfig, build_network, check_outputs, count_macs
 from csnet.progress import RichReporter
 from csnet.settings import from_dict
 from csnet.units import PERCENT, with_unit
@@ -148,7 +148,7 @@ def run_data_config(run: Path) -> DataConfig:
     return from_dict(DataConfig, data, "data", str(run / runio.CONFIG))
 
 
-def _check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
+def check_geometry(model_cfg: ModelConfig, data: data_lib.Data) -> None:
     """Targets of one sample per task and per split have the shapes the heads output; the inputs have the
     shape the network was built for. Checked on each split's first sample (its tensors are stacked)."""
     examples = {split: data.split(split).example() for split in ("train", "val", "test")}
@@ -191,7 +191,7 @@ def _fit_and_save(command: str, model_cfg: ModelConfig, state: dict | None, data
         if note:
             console.print(note, highlight=False)
         data = data_lib.load(data_cfg, model_cfg.task_list(), code)
-        _check_geometry(model_cfg, data)
+        check_geometry(model_cfg, data)
         if model_cfg.needs_stats():  # regression heads learn standardized targets: the training split's statistics
             model_cfg = model_cfg.with_stats(data.target_stats(model_cfg.task_list()))
             torch.manual_seed(train_cfg.seed)  # the same initial weights as the network built above
@@ -594,7 +594,7 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
             console.print(note, highlight=False)
         data = data_lib.load(from_dict(DataConfig, runio.section(config, "data", run), "data", str(source)),
                              model_cfg.task_list(), code)
-        _check_geometry(model_cfg, data)
+        check_geometry(model_cfg, data)
         net = _build(model_cfg, code, run)
         _load_state(net, _last_state(last, run / runio.LAST), run / runio.LAST)
         return last, position, model_cfg, dev, data, net
@@ -616,18 +616,24 @@ def resume(run: Path, console: Console, *, epochs: int | None = None, device: st
 def resume_network(run: Path, net, data: data_lib.Data, console: Console, *, epochs: int | None = None,
                    quiet: bool = False) -> Path:
     """Continue ``run`` from its last.pt with a network and data the caller made (``csnet.fit(resume=True)``):
-    the same checks and loop as ``--resume``, without rebuilding either from the run's files."""
+    the checks and the loop of ``--resume``, without rebuilding either from the run's files. Nothing is
+    written before every check has passed."""
     config = runio.read_config(runio.require_run(run))
     train_cfg = _train_config(config, run)
     if not (run / runio.LAST).is_file():
         raise (_no_last(run, train_cfg) if _finished(run, train_cfg) else
                UsageError(f"{run} has no {runio.LAST} to continue from"))
     last = _check_last(runio.load_checkpoint(run / runio.LAST), run / runio.LAST)
+    if epochs is not None and epochs != train_cfg.epochs and train_cfg.lr_schedule != "constant":
+        raise UsageError(f"{run} uses a {train_cfg.lr_schedule} schedule fixed by its epochs={train_cfg.epochs}; "
+                         "resume it without epochs=")
     train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs)
     if last["position"]["epoch"] > train_cfg.epochs:
         raise UsageError(f"{run} has finished its {last['position']['epoch'] - 1} epochs; pass epochs= (more than "
                          f"{last['position']['epoch'] - 1}) to train further")
     model_cfg = ModelConfig.from_dict(last["model_config"], str(run / runio.LAST))
+    check_geometry(model_cfg, data)
+    check_outputs(net, model_cfg.task_list(), torch.zeros(2, *model_cfg.input_shape()))
     _load_state(net, _last_state(last, run / runio.LAST), run / runio.LAST)
     device, _ = resolve_device(train_cfg.device)
     config["train"] = asdict(train_cfg)
@@ -775,7 +781,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
         console.print(note, highlight=False)
     tasks = model_cfg.task_list()
     data = data_lib.load(data_cfg, tasks, code)
-    _check_geometry(model_cfg, data)
+    check_geometry(model_cfg, data)
     net = _build(model_cfg, code, run)
     _load_state(net, state, run / runio.MODEL)
     if norm_from_data or "input_norm.mean" not in state:  # another data set, or a stitch across data sets

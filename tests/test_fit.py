@@ -127,3 +127,40 @@ def test_a_network_whose_outputs_do_not_fit_is_refused_before_anything_is_writte
         csnet.fit(net, **datasets(lab), tasks={"shape": ("classification", 10), "ink": "regression"}, out="r",
                   quiet=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_fit_checks_target_shapes_and_resumes_with_the_runs_own_epochs(lab, tmp_path):
+    tasks = {"shape": ("classification", 10), "ink": "regression"}
+    with pytest.raises(csnet.errors.CsnetError, match="task mask \\(segmentation\\): train targets have shape"):
+        small = {s: Shrunk(lab.make(s)) for s in ("train", "val", "test")}
+        csnet.fit(TwoHeadsAndMask(), **small, out="geo", quiet=True)
+    assert not (tmp_path / "geo").exists()
+    csnet.fit(two_heads(), **datasets(lab), tasks=tasks, out="cos", epochs=3, batch_size=16, quiet=True,
+              keep_last=True, lr_schedule="cosine")
+    with pytest.raises(UsageError, match="uses a cosine schedule fixed by its epochs=3; resume it without epochs="):
+        csnet.fit(two_heads(), **datasets(lab), tasks=tasks, out="cos", epochs=4, resume=True, quiet=True)
+    with pytest.raises(UsageError, match="has finished its 3 epochs"):  # the run's own 3, not fit's default
+        csnet.fit(two_heads(), **datasets(lab), tasks=tasks, out="cos", resume=True, quiet=True)
+
+
+class TwoHeadsAndMask(TwoHeads):
+    def __init__(self):
+        super().__init__()
+        self.mask = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return {**super().forward(x), "mask": self.mask(x)}
+
+
+class Shrunk(torch.utils.data.Dataset):
+    """Images cut to 14x14, masks left at 28x28: targets that do not fit their images."""
+
+    def __init__(self, base):
+        self.base, self.tasks = base, base.tasks
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, targets = self.base[i]
+        return image[:, :14, :14], targets

@@ -133,6 +133,16 @@ DATASET = textwrap.dedent('''
 
     def ragged(split):
         return Ragged(split, 48)
+
+
+    class WrapAround(Squares):
+        def __getitem__(self, i):
+            image, targets = super().__getitem__(i)
+            return image, {**targets, "mask": targets["mask"] + 256 * (i == 2)}  # 257 would cast to 1
+
+
+    def wrap_around(split):
+        return WrapAround(split, 48)
 ''')
 
 
@@ -177,12 +187,15 @@ def test_your_own_dataset_trains_streams_and_is_imported_only_when_named(cli, ow
     ("lab_data:faulty", "--dataset lab_data:faulty (train): item 5 raised ValueError: image 5 is corrupt"),
     ("lab_data:unlabelled", "--dataset lab_data:unlabelled (train): item 0 has no target 'shape' (it has ink)"),
     ("lab_data:big_class", "--dataset lab_data:big_class (train): item 7: target shape holds 12; a classification "
-                           "task of size 10 takes a class number from 0 to 9 (-1: no label)"),
-    ("lab_data:ragged", "do not stack"),
+                           "task of size 10 takes whole class numbers from 0 to 9 (-1: no label)"),
+    ("lab_data:ragged", "--dataset lab_data:ragged (train): items"),
+    ("lab_data:wrap_around", "--dataset lab_data:wrap_around (train): item 2: target mask holds 256; a segmentation "
+                             "task of size 2 takes whole class numbers from 0 to 1 (-1 or 255: no label)"),
 ])
 @pytest.mark.parametrize("stream", [[], ["--stream", "--workers", "2"]], ids=["memory", "stream"])
 def test_your_own_dataset_faults_are_one_line(cli, own_data, spec, message, stream):
-    code, out, err = cli("train", "--dataset", spec, "--tasks", "shape", "--stitch", "none", *stream, "--out", "r")
+    tasks = "mask" if "wrap" in spec else "shape"
+    code, out, err = cli("train", "--dataset", spec, "--tasks", tasks, "--stitch", "none", *stream, "--out", "r")
     assert code != 0 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (own_data / "r").exists()
 
