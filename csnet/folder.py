@@ -12,8 +12,9 @@ validation. An empty cell is a missing label.
 Images are decoded with torchvision's I/O (``decode_image``), resized to ``--image-size S`` (S x S)
 or ``H,W`` (default: their own size, when every image has it) with antialiased bilinear
 interpolation, targets with nearest-neighbour. Gray images are read as RGB when any image is RGB.
-Everything is held in memory as uint8 (targets in their kinds' encodings); inputs are z-scored per
-channel with the training split's statistics.
+A folder that fits in memory is held as uint8 (targets in their kinds' encodings); a larger one is read
+image by image (``Items``, ``csnet.splits.Stream``); both are made by the same calls. The network
+z-scores its inputs per channel with the training split's statistics (``InputNorm``).
 """
 
 from __future__ import annotations
