@@ -56,10 +56,10 @@ def fit(net: torch.nn.Module, *, train=None, val=None, test=None, tasks: dict | 
         raise UsageError("csnet.fit needs train=, val= and test= Datasets, or dataset='module.path:function'")
     data_cfg = DataConfig(dataset=dataset or FIT_DATA, split_seed=train_cfg.seed, stream=stream, workers=workers,
                           options=data_options)
-    if tasks is None:
-        tasks = getattr(train, "tasks", None) if given else pydata.spec(dataset, {}, data_options).tasks
-        tasks = {t: (s.kind, s.size) if hasattr(s, "kind") else s for t, s in (tasks or {}).items()}
-    specs = pydata.task_specs(tasks, "csnet.fit tasks")
+    if tasks is None and not given:  # the data set function's own, as --dataset module.path:function reads them
+        specs = pydata.spec(dataset, {}, data_options).tasks
+    else:
+        specs = pydata.task_specs(tasks if tasks is not None else getattr(train, "tasks", None), "csnet.fit tasks")
     task_objs = {name: make_task(name, s.kind, s.size) for name, s in specs.items()}
     if not given:
         data = data_lib.load(data_cfg, task_objs)  # named in this Python call: trusted

@@ -377,21 +377,19 @@ class Items(torch.utils.data.Dataset):
 
 def _parts(df: pd.DataFrame, cfg, table: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row numbers of the train, validation and test splits: the table's split column, else seeded."""
-    from csnet.splits import holdout, test_subset
+    from csnet.splits import holdout, test_subset, train_subset
 
     if SPLIT_COLUMN in df.columns:
         if cfg.val_size is not None:
             raise UsageError(f"{table} has a '{SPLIT_COLUMN}' column, which fixes the validation set: leave --val-size out")
         part = {s: torch.from_numpy((df[SPLIT_COLUMN] == s).to_numpy().nonzero()[0]) for s in ("train", "val", "test")}
-        if cfg.train_size is not None and cfg.train_size > len(part["train"]):
-            raise UsageError(f"--train-size must be between 1 and {len(part['train'])} (the rows of split train)")
+        kept = train_subset(len(part["train"]), cfg, " (the rows of split train)")
         empty = [s for s, idx in part.items() if len(idx) == 0]
         if empty:
             raise CsnetError(f"{table}: no row has split {empty[0]}")
         train, val, test = part["train"], part["val"], part["test"]
-        if cfg.train_size:
-            train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
-                          [:cfg.train_size]]
+        if kept is not None:
+            train = train[kept]
     else:
         order = torch.randperm(len(df), generator=torch.Generator().manual_seed(cfg.split_seed))
         n_test = max(1, len(df) // 5)
@@ -405,10 +403,8 @@ def _parts(df: pd.DataFrame, cfg, table: str) -> tuple[torch.Tensor, torch.Tenso
 def load_folder(cfg, spec, tasks):
     """The splits, in memory when the folder fits (``--stream`` / ``--no-stream`` decide otherwise), read item
     by item by ``--workers`` processes when not; inputs z-scored per channel with the training split's statistics."""
-    import os
-
     from csnet.cells import class_values, encode_targets
-    from csnet.splits import Data, Split, Stream, channel_stats, memory_limit, starve
+    from csnet.splits import Data, Split, Stream, channel_stats, starve, stream_workers, streamed_note
 
     lay = layout(cfg.dataset, cfg.labels, cfg.image_column)
     df, scan = _load(lay, cfg.image_size, None if cfg.stream is None else not cfg.stream)
@@ -423,15 +419,13 @@ def load_folder(cfg, spec, tasks):
     h, w = scan.size
     size_mb = len(df) * scan.channels * h * w / 1e6
     if streaming:
-        workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+        workers = stream_workers(cfg.workers)
         dense = {t: [v if isinstance(v, str) else None for v in df[t]] for t in tasks if t in scan.columns}
         items = Items(lay, [_inside(lay, str(p), i, lay.image) for i, p in enumerate(df[lay.image])], scan.size,
                       scan.channels, scalar, dense, tasks)
         train, val, test = (Stream(items, r, tasks, workers) for r in rows)
-        note = (f"{len(df):,} images ({size_mb:,.0f} MB at {h}x{w}) read from disk as they are "
-                f"needed, by {workers} worker process(es)" + ("" if cfg.stream else
-                                                              f": more than the {memory_limit() / 1e9:.1f} GB "
-                                                              "kept in memory (--no-stream holds them anyway)"))
+        note = streamed_note(f"{len(df):,} images ({size_mb:,.0f} MB at {h}x{w}) read from disk", workers,
+                             bool(cfg.stream))
     else:
         labels = {**scalar, **{t: _encode_dense(scan.targets[t], task) for t, task in tasks.items()
                                if t in scan.columns}}

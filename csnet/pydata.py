@@ -20,14 +20,14 @@ with the training split's statistics, as for image folders.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from csnet.errors import CsnetError, UsageError
-from csnet.splits import Data, DatasetSpec, Split, Stream, channel_stats, memory_limit, pixel_sums, starve
+from csnet.splits import (Data, DatasetSpec, Split, Stream, channel_stats, pixel_sums, starve, stream_workers,
+                          streamed_note, streams, subset, test_subset, train_subset)
 from csnet.tasks import IGNORE, Task, TaskSpec, split_kind
 
 SPLITS = ("train", "val", "test")
@@ -194,28 +194,19 @@ def data_from(made: dict, tasks: dict[str, Task], cfg, where: str) -> Data:
     if len(set(shapes.values())) > 1:
         raise CsnetError(f"{where}: the splits' images have different shapes: {shapes}")
     size = sum(_bytes(i) for i in items.values())
-    stream = cfg.stream if cfg.stream is not None else size > memory_limit()
-    workers = cfg.workers if cfg.workers is not None else (min(4, os.cpu_count() or 1) if stream else 0)
+    stream = streams(cfg.stream, size)
+    workers = stream_workers(cfg.workers) if stream else cfg.workers or 0
     n = sum(len(i) for i in items.values())
     if stream:
         train, val, test = (Stream(items[s], torch.arange(len(items[s])), tasks, workers) for s in SPLITS)
-        note = (f"{n:,} items ({size / 1e6:,.0f} MB) read as they are needed, by {workers} worker process(es)"
-                + ("" if cfg.stream else f": more than the {memory_limit() / 1e9:.1f} GB kept in memory"))
+        note = streamed_note(f"{n:,} items ({size / 1e6:,.0f} MB) read", workers, bool(cfg.stream))
     else:
         train, val, test = (_in_memory(items[s], workers) for s in SPLITS)
         note = f"{n:,} items held in memory ({size / 1e6:,.1f} MB)"
     for split, name in ((train, "train"), (val, "val"), (test, "test")):  # every item, before any subset
         _check_targets(split, tasks, f"{where} ({name})")
-    if cfg.train_size is not None:
-        if not 0 < cfg.train_size <= len(train):
-            raise UsageError(f"--train-size must be between 1 and {len(train)}")
-        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
-                             [:cfg.train_size])
-    if cfg.test_size is not None:
-        if not 0 < cfg.test_size <= len(test):
-            raise UsageError(f"--test-size must be between 1 and {len(test)}")
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.split_seed))
-                           [:cfg.test_size])
+    train = subset(train, train_subset(len(train), cfg))
+    test = subset(test, test_subset(len(test), cfg))
     for t, task in tasks.items():
         if not bool(task.labelled(train.targets(t)).any()):
             raise CsnetError(f"{where}: no training item has a {t} target")

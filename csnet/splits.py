@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,18 @@ def memory_limit() -> int:
 def streams(stream: bool | None, size: int) -> bool:
     """Whether data of ``size`` bytes is read item by item: ``--stream`` / ``--no-stream``, else by size."""
     return stream if stream is not None else size > memory_limit()
+
+
+def stream_workers(given: int | None) -> int:
+    """``--workers``, or up to 4 processes reading ahead of training."""
+    return given if given is not None else min(4, os.cpu_count() or 1)
+
+
+def streamed_note(what: str, workers: int, forced: bool) -> str:
+    """What a run prints about data it streams: ``what`` (how many, how big, read from where) and why."""
+    return (f"{what} as they are needed, by {workers} worker process(es)"
+            + ("" if forced else f": more than the {memory_limit() / 1e9:.1f} GB kept in memory (--no-stream holds "
+                                 "them anyway)"))
 
 
 @dataclass(frozen=True)
@@ -130,16 +142,11 @@ class Stream:
     def __len__(self) -> int:
         return len(self.index)
 
-    def _with(self, **changes) -> "Stream":
-        keep = {"items": self.items, "index": self.index, "tasks": self.tasks, "workers": self.workers,
-                "device": self.device, "dropped": self.dropped, "_seen": self._seen}
-        return Stream(**{**keep, **changes})
-
     def to(self, device: torch.device) -> "Stream":
-        return self._with(device=torch.device(device))
+        return replace(self, device=torch.device(device))
 
     def subset(self, idx: torch.Tensor) -> "Stream":
-        return self._with(index=self.index[idx], dropped={t: d[idx] for t, d in self.dropped.items()}, _seen=None)
+        return replace(self, index=self.index[idx], dropped={t: d[idx] for t, d in self.dropped.items()}, _seen=None)
 
     def shard(self, rank: int, size: int) -> "Stream":
         return self.subset(torch.arange(rank, len(self), size))
@@ -179,7 +186,7 @@ class Stream:
     def with_targets(self, task: str, y: torch.Tensor) -> "Stream":
         """Only what ``starve`` does: the samples whose label is now missing are dropped at batch time."""
         gone = ~self.tasks[task].labelled(y) & self.tasks[task].labelled(self.targets(task))
-        return self._with(dropped={**self.dropped,
+        return replace(self, dropped={**self.dropped,
                                    task: gone | self.dropped.get(task, torch.zeros(len(self), dtype=torch.bool))})
 
     def example(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -293,6 +300,15 @@ def holdout(n: int, cfg, default_val: int, what: str = "images"):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     val_idx, rest = order[:val_size], order[val_size:]
     return val_idx, rest[:cfg.train_size] if cfg.train_size is not None else rest
+
+
+def train_subset(n: int, cfg, what: str = "") -> torch.Tensor | None:
+    """Seeded ``--train-size`` indices among ``n`` training samples, or None for all of them."""
+    if cfg.train_size is None:
+        return None
+    if not 0 < cfg.train_size <= n:
+        raise UsageError(f"--train-size must be between 1 and {n}{what}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.train_size]
 
 
 def test_subset(n: int, cfg) -> torch.Tensor | None:

@@ -92,13 +92,15 @@ def _check_norm(norm, path: Path, model_cfg: ModelConfig):
     return norm
 
 
-def _with_norm(state: dict, norm) -> dict:
-    """A state dict with the network's input statistics: checkpoints written before they travelled inside the
-    network (``InputNorm``) kept them beside the weights, as 'norm'."""
-    if norm is None or "input_norm.mean" in state:
-        return state
-    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
-    return {**state, "input_norm.mean": as_tensor(norm["mean"]), "input_norm.std": as_tensor(norm["std"])}
+def _weights(ckpt: dict, state: dict, path: Path, model_cfg: ModelConfig) -> dict:
+    """A checkpoint's weights with the network's input statistics, checked. Checkpoints written before the
+    statistics travelled inside the network (``InputNorm``) kept them beside the weights, as 'norm'."""
+    norm = _check_norm(ckpt.get("norm"), path, model_cfg)
+    if norm is not None and "input_norm.mean" not in state:
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
+        state = {**state, "input_norm.mean": as_tensor(norm["mean"]), "input_norm.std": as_tensor(norm["std"])}
+    _check_input_norm(state, path, model_cfg)
+    return state
 
 
 def _check_input_norm(state: dict, path: Path, model_cfg: ModelConfig) -> None:
@@ -116,15 +118,12 @@ def _check_input_norm(state: dict, path: Path, model_cfg: ModelConfig) -> None:
 
 
 def _last_state(last: dict, path: Path) -> dict:
-    """last.pt's weights with their input statistics, checked (see ``_with_norm``)."""
-    model_cfg = ModelConfig.from_dict(last["model_config"], str(path))
-    state = _with_norm(last["model"], _check_norm(last.get("norm"), path, model_cfg))
-    _check_input_norm(state, path, model_cfg)
-    return state
+    """last.pt's weights with their input statistics, checked (see ``_weights``)."""
+    return _weights(last, last["model"], path, ModelConfig.from_dict(last["model_config"], str(path)))
 
 
 def _load_model(run: Path):
-    """The network config, weights and input statistics stored in a run's model.pt, each checked."""
+    """The network config and weights (with the input statistics) stored in a run's model.pt, each checked."""
     path = runio.require_run(run) / runio.MODEL
     ckpt = runio.load_checkpoint(path)
     model_cfg = ModelConfig.from_dict(ckpt.get("model_config"), str(path))
@@ -132,10 +131,7 @@ def _load_model(run: Path):
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise CsnetError(f"{path}: 'model' is not a set of named tensors")
-    norm = _check_norm(ckpt.get("norm"), path, model_cfg)
-    state = _with_norm(state, norm)
-    _check_input_norm(state, path, model_cfg)
-    return model_cfg, state, norm
+    return model_cfg, _weights(ckpt, state, path, model_cfg)
 
 
 def run_data_config(run: Path) -> DataConfig:
@@ -416,7 +412,7 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig | None, train_cfg: TrainC
             _plan("train", data_cfg, model_cfg, train_cfg, from_run, weights))
     state = None
     if from_run is not None:
-        model_cfg, state, _ = _load_model(from_run)
+        model_cfg, state = _load_model(from_run)
         if data_cfg.dataset.startswith("folder:") and data_cfg.image_size is None:
             data_cfg = replace(data_cfg, image_size=model_cfg.image_size)  # the size the network was built for
         spec = data_lib.dataset_spec(data_cfg.dataset, dict(zip(model_cfg.tasks, model_cfg.kinds)),
@@ -693,13 +689,13 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
                                  unit_mode=unit_mode, unit_init=unit_init, code=code, arch=arch, subspaces=subspaces)
     runio.ensure_new(out, force)
     loaded = [_load_model(s) for s in sources]
-    for src, (cfg, _, _) in zip(sources, loaded):
+    for src, (cfg, _) in zip(sources, loaded):
         if len(cfg.tasks) != 1 or cfg.arch not in ("cross-stitch", "independent"):
             raise UsageError(f"{src} has {len(cfg.tasks)} task(s) ({', '.join(cfg.tasks)}, arch {cfg.arch}); "
                              "stitch takes single-task pretrain runs")
         check_code(cfg, code, src)
     first_arch = loaded[0][0].column_arch()
-    for src, (cfg, _, _) in zip(sources[1:], loaded[1:]):
+    for src, (cfg, _) in zip(sources[1:], loaded[1:]):
         theirs = cfg.column_arch()
         diff = [f"{k} {first_arch.get(k)} vs {theirs.get(k)}" for k in sorted(set(first_arch) | set(theirs))
                 if first_arch.get(k) != theirs.get(k)]
@@ -707,19 +703,19 @@ def stitch(sources: list[Path], *, stitch: str, alpha: float, beta: float, out: 
             raise UsageError(f"columns differ: {sources[0]} and {src} have {'; '.join(diff)}")
     data_cfgs = [runio.section(runio.read_config(s), "data", s, optional=True) for s in sources]
     same_data = all(d == data_cfgs[0] for d in data_cfgs)
-    names = tasks or [cfg.tasks[0] for cfg, _, _ in loaded]
+    names = tasks or [cfg.tasks[0] for cfg, _ in loaded]
     if len(names) != len(sources):
         raise UsageError(f"--tasks names {len(names)} columns for {len(sources)} runs")
     if len(set(names)) != len(names):
         raise UsageError(f"two columns would share a task name ({', '.join(names)}); name them with --tasks")
-    columns = [next(iter(c.task_list().values())) for c, _, _ in loaded]  # each source's one task
+    columns = [next(iter(c.task_list().values())) for c, _ in loaded]  # each source's one task
     model_cfg = ModelConfig(tasks=tuple(names), num_classes=tuple(t.size for t in columns),
                             kinds=tuple(t.spec for t in columns), target_stats=tuple(t.stats for t in columns),
                             stitch=stitch, alpha=alpha, beta=beta, unit_mode=unit_mode, unit_init=unit_init,
                             arch=arch, subspaces=subspaces,
                             **loaded[0][0].column_arch())
     net = _build(model_cfg, code, sources[0], fast=False)
-    for src, name, (cfg, state, _) in zip(sources, names, loaded):
+    for src, name, (cfg, state) in zip(sources, names, loaded):
         prefix = f"columns.{cfg.tasks[0]}."
         _load_state(net.columns[name], {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                     src / runio.MODEL)
@@ -754,13 +750,13 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
     """
     if split not in ("val", "test"):
         raise UsageError(f"unknown split {split!r}; valid: test, val")
-    model_cfg, state, _ = _load_model(run)
+    model_cfg, state = _load_model(run)
     norm_from_data = False
-    own = run_data_config(run) if runio.section(runio.read_config(run), "data", run, optional=True) else None
+    config = runio.read_config(run)
+    base = runio.section(config, "data", run, optional=True)  # null: a stitch across data sets
+    own = from_dict(DataConfig, base, "data", str(run / runio.CONFIG)) if base else None
     if dataset is not None and (own is None or dataset != own.dataset):
         # another data set, with the split settings the run (or its first source) used, and its own statistics
-        config = runio.read_config(run)
-        base = runio.section(config, "data", run, optional=True)
         sources = config.get("sources")
         if not base and isinstance(sources, list) and sources and isinstance(sources[0], str):
             base = runio.section(runio.read_config(Path(sources[0])), "data", Path(sources[0]), optional=True)
@@ -773,7 +769,7 @@ def eval_run(run: Path, split: str, device_name: str = "auto", data_root: str | 
             data_cfg = replace(data_cfg, val_size=None, train_size=None)
         norm_from_data = True
     else:
-        data_cfg = run_data_config(run)
+        data_cfg = own or run_data_config(run)  # the run's own data (without it: says to pass --dataset)
     if data_root:
         data_cfg = replace(data_cfg, data_root=data_root)
     device, note = resolve_device(device_name)
