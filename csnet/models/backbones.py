@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 from csnet.errors import CsnetError, UsageError
-from csnet.config import TORCHVISION_BACKBONES
+from csnet.config import TORCHVISION_BACKBONES, image_hw
 from csnet.usercode import load_function
 from csnet.models.columns import Column
 
@@ -166,7 +166,7 @@ def torchvision_column(name: str, num_classes: int, in_channels: int, image_size
     adapters = []
     if in_channels == 1:
         adapters.append(RepeatChannels(3))
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = image_hw(image_size)
     if name.startswith("vgg") and min(h, w) < 32:
         ph, pw = max(0, 32 - h), max(0, 32 - w)
         adapters.append(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csnet.config import image_hw
+
 
 class Column(nn.Module):
     """A network for one task: ``stages`` run in order, then ``head`` maps the last one to the output.
@@ -150,7 +152,7 @@ def convnet(
 ) -> Column:
     """Stages ``pool1``, ``pool2`` and ``fc``: the three places the reproduction stitches."""
 
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = image_hw(image_size)
     column = Column(
         stages={
             "pool1": _conv_block(in_channels, widths[0], batch_norm),
