@@ -33,7 +33,8 @@ def test_bench_command_writes_its_table(cli, tmp_path, monkeypatch):
     table = pd.read_csv(tmp_path / "b" / "bench.csv").set_index("measure")
     rows = table.value.to_dict()
     for key in ("matmul_gflops", "unstitched", "csnet", "straightforward", "csnet_vs_straightforward",
-                "fraction_of_flop_limit", "stitch_overhead_2", "stitch_overhead_4"):
+                "fraction_of_flop_limit", "products_alone_fraction", "stitch_overhead_2", "stitch_overhead_4",
+                "share_unit", "share_unit_4_tasks", "share_conv-block"):
         assert float(rows[key]) == float(rows[key]), key  # a number, not NaN
     # two columns (2 x 7,059,968 MACs) + units (4 x (6,272 + 3,136 + 1,024)); training = 3 forward passes
     assert float(rows["train_mflop_per_example"]) == pytest.approx(3 * 2 * 14_161_664 / 1e6, rel=1e-5)
@@ -49,6 +50,26 @@ def test_verdicts_read_each_target_the_right_way_round():
     assert verdict("fraction_of_flop_limit", 0.8) == "≥ 0.75: met"
     assert verdict("fraction_of_flop_limit", 0.5) == "≥ 0.75: NOT met"
     assert verdict("csnet", 1000.0) == ""
+    assert verdict("share_conv-block", 0.029) == "≥ 0.03: NOT met"
+    assert verdict("share_unit_8_tasks", 0.12) == "≥ 0.03: met"
+    assert verdict("share_unit", 0.01) == ""  # judged with more tasks, where stitching costs most
+
+
+def test_the_products_ceiling_runs_every_product_of_a_step_as_training_does():
+    from torch import nn
+
+    from csnet.bench import product_calls
+
+    net, _ = _net(2, "all")
+    calls = product_calls(net, torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8))
+    columns = [net.columns[t] for t in ("fine", "coarse")]
+    layers = [m for c in columns for m in c.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(map(id, (c[0] for c in calls))) == sorted(map(id, layers))  # each one once
+    convs = [c for c in calls if isinstance(c[0], nn.Conv2d)]
+    # the images need no gradient; every later input does (the step computes its gradient too)
+    assert [c[2] for c in convs] == [False, True, False, True] or [c[2] for c in convs] == [False, False, True, True]
+    assert all(c[3] == torch.channels_last for c in convs if c[2]) and all(c[2] for c in calls if isinstance(c[0], nn.Linear))
+    assert {tuple(c[1]) for c in convs if c[2]} == {(8, 32, 14, 14)}
 
 
 def test_freed_activations_stay_with_the_process():

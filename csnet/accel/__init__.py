@@ -3,16 +3,14 @@ in where their conditions hold and says which kernels applied, and why others di
 
 The models in ``csnet.models`` are plain PyTorch and compute the same numbers without this
 package (``CSNET_NATIVE=0``, no C compiler, CUDA): the kernels are float32 implementations of
-the same layers, and dropout's mask is the same counter-based hash either way. What
-``accelerate`` does to a network:
+the same layers. What ``accelerate`` does to a network:
 
 - ``unit``: every CrossStitchUnit's ``kernel`` hook runs mix.c (CPU float32, up to 16 tasks);
 - ``conv-block``: every ``nn.Sequential(Conv2d, BatchNorm2d, MaxPool2d(2), ReLU)`` becomes a
   FusedConvBlock: bnpool.c after the conv (channels-last maps);
 - ``first-block``: such a block whose input needs no gradient runs whole, conv included
   (3x3 conv without bias, at most 3 input channels);
-- ``onednn-linear``: ``nn.Linear`` layers of at least 2^20 weights run their products on oneDNN;
-- ``dropout``: csnet's Dropout computes its mask in dropout.c.
+- ``onednn-linear``: ``nn.Linear`` layers of at least 2^20 weights run their products on oneDNN.
 """
 
 from __future__ import annotations
@@ -21,12 +19,11 @@ from torch import nn
 
 from csnet.accel.build import status
 from csnet.accel.kernels import conv_fits
-from csnet.accel.fused import (ONEDNN_LINEAR, ONEDNN_MIN_WEIGHTS, FusedConvBlock, NativeDropout, OneDNNLinear,
+from csnet.accel.fused import (ONEDNN_LINEAR, ONEDNN_MIN_WEIGHTS, FusedConvBlock, OneDNNLinear,
                                conv_block_pattern, off, unit_kernel)
-from csnet.models.columns import Dropout
 from csnet.models.unit import CrossStitchUnit
 
-KERNELS = ("unit", "conv-block", "first-block", "onednn-linear", "dropout")
+KERNELS = ("unit", "conv-block", "first-block", "onednn-linear")
 __all__ = ["KERNELS", "accelerate", "off", "status"]
 
 
@@ -57,9 +54,6 @@ def accelerate(net: nn.Module) -> dict:
             else:
                 module.__class__ = OneDNNLinear
                 found["onednn-linear"] += 1
-        elif type(module) is Dropout:
-            module.__class__ = NativeDropout
-            found["dropout"] += 1
     for name in KERNELS:
         if not found[name] and name not in why:
             why[name] = "no layer of the kind it speeds up"

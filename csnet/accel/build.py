@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("mix.c", "bnpool.c", "dropout.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("mix.c", "bnpool.c"))
 # -march=native: the library is built on the machine that runs it, and cached per CPU (below).
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-denormals-to-zero.
@@ -113,10 +113,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.csnet_patch_moments.argtypes = [_P, _L, _L, _L, _L, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.csnet_conv_bn_pool_relu_forward.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _P, ctypes.c_int]
     lib.csnet_conv_bn_pool_relu_backward.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _P, _P, _P, ctypes.c_int]
-    lib.csnet_dropout.argtypes = [_P, _P, _L, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     for f in ("csnet_mix_forward", "csnet_mix_backward", "csnet_bn_stats", "csnet_bn_pool_relu_forward",
               "csnet_bn_pool_relu_backward", "csnet_patch_moments", "csnet_conv_bn_pool_relu_forward",
-              "csnet_conv_bn_pool_relu_backward", "csnet_dropout"):
+              "csnet_conv_bn_pool_relu_backward"):
         getattr(lib, f).restype = None
     return lib, f"compiled C kernel ({path})"
 

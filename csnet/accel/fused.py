@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.modules import module as _module  # the global forward-hook registries
 
 from csnet.accel import kernels
-from csnet.models.columns import Dropout
 
 _off: list[frozenset] = []  # inside ``off()``: the names of the kernels switched off
 
@@ -197,15 +196,3 @@ class OneDNNLinear(nn.Linear):
                 or _autocast_on() or torch.compiler.is_compiling()):
             return super().forward(x)
         return _OneDNNLinear.apply(x.contiguous(), self.weight, self.bias)
-
-
-# ---------------------------------------------------------------- dropout (dropout.c)
-
-class NativeDropout(Dropout):
-    """csnet's Dropout with its mask computed in dropout.c: the same bits as ``hashed_keep``, made
-    where they are used, so no mask is stored and the backward pass recomputes it."""
-
-    def apply_mask(self, x, seed):
-        if not _on("dropout") or not kernels.dropout_usable(x) or _autocast_on():
-            return super().apply_mask(x, seed)
-        return torch.ops.csnet.dropout(x, self.p, seed)

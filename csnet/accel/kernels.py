@@ -11,8 +11,6 @@ layouts its ``*_usable`` check accepts; ``fused.py`` calls an op only after that
 - ``bn_pool_relu`` (bnpool.c): batch norm -> 2x2 max-pool -> ReLU after a conv, channels-last.
 - ``conv_bn_pool_relu`` (bnpool.c): the same with the 3x3 conv before it, for a block whose input
   needs no gradient (a column's first block, fed the images): the conv output is never stored.
-- ``dropout`` (dropout.c): the counter-based mask of ``csnet.models.columns.Dropout``, computed
-  in C; the same mask, bit for bit, as that module's tensor ops.
 """
 
 from __future__ import annotations
@@ -388,35 +386,3 @@ def _conv_grad(ctx, grad_out, _winner):
 
 
 conv_bn_pool_relu.register_autograd(_conv_grad, setup_context=_conv_context)
-
-
-# ---------------------------------------------------------------- dropout (dropout.c)
-
-def dropout_usable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-
-
-@torch.library.custom_op("csnet::dropout", mutates_args=())
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * mask / (1 - p), mask the one models.columns.hashed_keep derives from ``seed`` (a signed
-    64-bit number; dropout.c reads its bits as unsigned)."""
-    out = torch.empty_like(x)
-    lib().csnet_dropout(x.data_ptr(), out.data_ptr(), x.numel(), seed % 2 ** 64, round(p * 2 ** 24),
-                        1.0 / (1.0 - p), _threads())
-    return out
-
-
-@dropout.register_fake
-def _(x, p, seed):
-    return torch.empty_like(x)
-
-
-def _dropout_context(ctx, inputs, output):
-    ctx.p, ctx.seed = inputs[1], inputs[2]
-
-
-def _dropout_grad(ctx, grad):
-    return torch.ops.csnet.dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
-
-
-dropout.register_autograd(_dropout_grad, setup_context=_dropout_context)

@@ -68,7 +68,7 @@ class DenseHead(nn.Module):
 
 
 # SplitMix64 (Steele, Lea and Flood, OOPSLA 2014) as signed 64-bit constants: torch's int64 ops wrap
-# around like C's uint64_t, so the same bits come out on every device and in accel/dropout.c.
+# around like unsigned 64-bit arithmetic, so the same bits come out on every device.
 _GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
@@ -81,8 +81,7 @@ def hashed_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
     """Dropout's keep mask for ``seed``: element i (in row-major order) is kept when the top 24 bits
     of SplitMix64(seed + (i + 1) * golden ratio) are at least p * 2^24, so each is kept with
     probability 1 - p (to 2^-24). A hash of the index rather than a draw per element: the mask is
-    the same on every device and thread count, and csnet's C kernel (accel/dropout.c) computes the
-    same bits without storing a mask."""
+    the same on every device and thread count."""
     n = math.prod(shape)
     z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN + seed
     z = (z ^ _shift_right(z, 30)) * _MIX1
@@ -98,21 +97,17 @@ def dropout_seed() -> int:
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (the same probability, scaling, evaluation pass and state) whose mask is
-    ``hashed_keep`` of a seed drawn from torch's generator instead of ``bernoulli_``. Why: on the
-    CPU, csnet's C kernel computes exactly this mask without storing it (``bernoulli_`` took 1.1 ms
-    for the Fashion column's (128, 1024) activations), so a run gives the same numbers with the
-    kernels, without them (``CSNET_NATIVE=0``, no compiler, macOS) and on CUDA."""
+    ``hashed_keep`` of a seed drawn from torch's generator instead of ``bernoulli_``. Why: the mask
+    is the same on the CPU and on CUDA, at any thread count, and it is faster on the CPU: for the
+    Fashion column's (128, 1024) activations, forward and backward took 0.37 ms against
+    ``nn.Dropout``'s 0.76 (2 cores)."""
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return x * 0.0
-        return self.apply_mask(x, dropout_seed())
-
-    def apply_mask(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """x * mask / (1 - p); csnet.accel overrides this with the C kernel (the same mask)."""
-        keep = hashed_keep(x.shape, self.p, seed, x.device)
+        keep = hashed_keep(x.shape, self.p, dropout_seed(), x.device)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
