@@ -172,7 +172,7 @@ data-starved: install
 	$(CSNET) train --config configs/data-starved.toml --stitch all --starve fine=1000 $(SCALE) --quiet --out $(RUN)/cross-stitch
 	$(CSNET) compare $(RUN)/independent $(RUN)/cross-stitch --out $(RUN)/compare
 
-# Throughput side by side and a two-epoch full-data run (see docs/speed.md): about 5 minutes on 2 cores.
+# Throughput side by side and a two-epoch full-data run (see docs/speed.md): about 4½ minutes on 2 cores.
 bench: install
 	$(CSNET) bench
 

@@ -90,6 +90,21 @@ def hashed_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
     return (bits >= round(p * 2 ** 24)).view(shape)
 
 
+@torch.library.custom_op("csnet::hashed_keep", mutates_args=())
+def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``hashed_keep`` for x's shape and device as one opaque op. Why: torch.compile (inductor) treats
+    ``arange * constant`` as index arithmetic, which it assumes never overflows, and so computed
+    other masks than eager mode for most seeds, or failed to compile; an opaque op keeps eager and
+    compiled runs on the same bits."""
+    return hashed_keep(x.shape, p, seed, x.device)
+
+
+@_keep.register_fake
+def _(x, p, seed):
+    return x.new_empty(x.shape, dtype=torch.bool)  # row-major, whatever x's layout
+
+
+@torch.compiler.disable  # drawn by torch's generator in compiled runs too (inductor has its own)
 def dropout_seed() -> int:
     """A signed 64-bit seed from torch's default generator, so that torch.manual_seed fixes the masks."""
     return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64))
@@ -107,7 +122,7 @@ class Dropout(nn.Dropout):
             return x
         if self.p == 1:
             return x * 0.0
-        keep = hashed_keep(x.shape, self.p, dropout_seed(), x.device)
+        keep = torch.ops.csnet.hashed_keep(x.detach(), self.p, dropout_seed())
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
