@@ -110,7 +110,7 @@ def make_optimizer(net: CrossStitchNet, cfg: TrainConfig, weighting: nn.Module |
     if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"]):
         try:
             return make(fused=True)
-        except (TypeError, RuntimeError):  # a torch older than 2.4 has no fused step for this optimizer or device
+        except (TypeError, RuntimeError):  # no fused step for this optimizer on this device
             pass
     return make()
 

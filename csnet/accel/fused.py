@@ -35,10 +35,7 @@ def _on(name: str) -> bool:
 
 def _autocast_on() -> bool:
     """CPU autocast would run the layers in bfloat16, which the kernels do not."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled("cpu")
 
 
 def _hooked(modules) -> bool:
