@@ -121,7 +121,7 @@ def _resize(images: torch.Tensor, s: int) -> torch.Tensor:
     """uint8 (B, 28, 28) -> uint8 (B, s, s)."""
     if s == ITEM_SIDE:
         return images
-    # Antialiasing (torch >= 1.11; csnet needs 2.1) keeps thin straps and soles from vanishing
+    # Antialiasing (torch >= 1.11; csnet needs 2.4) keeps thin straps and soles from vanishing
     # when shrunk, where plain bilinear sampling would skip them.
     r = F.interpolate(images[:, None].float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True)
     return r[:, 0].round().clamp(0, 255).to(torch.uint8)

@@ -77,8 +77,8 @@ def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def hashed_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
-    """Dropout's keep mask for ``seed``: element i (in row-major order) is kept when the top 24 bits
+def hashed_keep(shape, p: float, seed: int | torch.Tensor, device=None) -> torch.Tensor:
+    """Dropout's keep mask for ``seed`` (an int64 number or 0-d tensor): element i (in row-major order) is kept when the top 24 bits
     of SplitMix64(seed + (i + 1) * golden ratio) are at least p * 2^24, so each is kept with
     probability 1 - p (to 2^-24). A hash of the index rather than a draw per element: the mask is
     the same on every device and thread count."""
@@ -91,11 +91,12 @@ def hashed_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
 
 
 @torch.library.custom_op("csnet::hashed_keep", mutates_args=())
-def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``hashed_keep`` for x's shape and device as one opaque op. Why: torch.compile (inductor) treats
-    ``arange * constant`` as index arithmetic, which it assumes never overflows, and so computed
-    other masks than eager mode for most seeds, or failed to compile; an opaque op keeps eager and
-    compiled runs on the same bits."""
+def _keep(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``hashed_keep`` for x's shape and device as one opaque op, for compiled graphs. Why: torch.compile
+    (inductor) treats ``arange * constant`` as index arithmetic, which it assumes never overflows,
+    and so computed other masks than eager mode for most seeds, or failed to compile; an opaque
+    op keeps eager and compiled runs on the same bits. The seed is a tensor so that a new seed is
+    new data, not a new constant to recompile for (``dynamic=False``, CUDA graphs)."""
     return hashed_keep(x.shape, p, seed, x.device)
 
 
@@ -105,9 +106,10 @@ def _(x, p, seed):
 
 
 @torch.compiler.disable  # drawn by torch's generator in compiled runs too (inductor has its own)
-def dropout_seed() -> int:
-    """A signed 64-bit seed from torch's default generator, so that torch.manual_seed fixes the masks."""
-    return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64))
+def dropout_seed() -> torch.Tensor:
+    """A signed 64-bit seed (0-d CPU tensor) from torch's default generator, so that torch.manual_seed
+    fixes the masks."""
+    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64)
 
 
 class Dropout(nn.Dropout):
@@ -122,7 +124,11 @@ class Dropout(nn.Dropout):
             return x
         if self.p == 1:
             return x * 0.0
-        keep = torch.ops.csnet.hashed_keep(x.detach(), self.p, dropout_seed())
+        seed = dropout_seed()
+        if torch.compiler.is_compiling():
+            keep = torch.ops.csnet.hashed_keep(x.detach(), self.p, seed)
+        else:  # the same function without the op's dispatch (about 20 us a call)
+            keep = hashed_keep(x.shape, self.p, seed, x.device)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
