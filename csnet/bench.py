@@ -187,12 +187,15 @@ def products_alone(net: nn.Module, images: torch.Tensor, batch: int, warmup: int
 def product_calls(net: nn.Module, images: torch.Tensor) -> list[tuple]:
     """(layer, input shape, whether the input needs a gradient, memory format) of every convolution
     and linear layer a training forward pass of ``net`` on ``images`` runs, in order."""
+    from csnet.accel.kernels import layout as kernel_layout
+    from csnet.train import TrainConfig, make_forward
+
     calls = []
 
     def record(module, inputs, output):
-        calls.append((module, inputs[0].shape, inputs[0].requires_grad, _layout(inputs[0])))
-
-    from csnet.train import TrainConfig, make_forward
+        x = inputs[0]
+        layout = kernel_layout(x)  # channels-last maps, else row-major (as the input is rebuilt)
+        calls.append((module, x.shape, x.requires_grad, layout[0] if layout else torch.contiguous_format))
 
     forward = make_forward(net.train(), TrainConfig(device="cpu"), torch.device("cpu"))  # layouts as in training
     hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -203,11 +206,6 @@ def product_calls(net: nn.Module, images: torch.Tensor) -> list[tuple]:
         for h in hooks:
             h.remove()
     return calls
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 def _dataloader_timer(net, folder: Path | None, n: int, batch: int, warmup: int = 3):

@@ -78,10 +78,10 @@ def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def hashed_keep(shape, p: float, seed: int | torch.Tensor, device=None) -> torch.Tensor:
-    """Dropout's keep mask for ``seed`` (an int64 number or 0-d tensor): element i (in row-major order) is kept when the top 24 bits
-    of SplitMix64(seed + (i + 1) * golden ratio) are at least p * 2^24, so each is kept with
-    probability 1 - p (to 2^-24). A hash of the index rather than a draw per element: the mask is
-    the same on every device and thread count."""
+    """Dropout's keep mask for ``seed`` (an int64 number or 0-d tensor): element i (in row-major
+    order) is kept when the top 24 bits of SplitMix64(seed + (i + 1) * golden ratio) are at least
+    p * 2^24, so each is kept with probability 1 - p (to 2^-24). A hash of the index rather than a
+    draw per element: the mask is the same on every device and thread count."""
     n = math.prod(shape)
     z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN + seed
     z = (z ^ _shift_right(z, 30)) * _MIX1
